@@ -1,0 +1,1 @@
+"""Image-retrieval platform: encoder, search and evaluator gRPC services."""

@@ -1,0 +1,1 @@
+"""Shared server plumbing: gRPC server factory, errors, metrics, settings."""

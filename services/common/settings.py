@@ -1,0 +1,89 @@
+"""Settings shared by every service, and the bridge from a settings class to CLI flags.
+
+Each service has one pydantic-settings class with its own environment prefix (``ENCODER_``,
+``SEARCH_``, ``EVALUATOR_``). Every field is also a command-line flag of that service's ``serve``
+subcommand; a flag given on the command line wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+class ServerSettings(BaseSettings):
+    """What every gRPC server of the platform is configured with."""
+
+    model_config = SettingsConfigDict(extra="ignore", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    metrics_port: int = Field(
+        0, ge=-1, le=65535, description="Prometheus metrics port (0: pick a free one, -1: off)"
+    )
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="largest gRPC message accepted or sent, in bytes"
+    )
+    grpc_workers: int = Field(64, gt=0, description="threads serving RPCs (concurrent RPCs in progress)")
+    max_concurrent_rpcs: int = Field(
+        512, gt=0, description="RPCs in progress before new ones get RESOURCE_EXHAUSTED"
+    )
+    grace_seconds: float = Field(10.0, ge=0, description="seconds in-flight RPCs get on SIGTERM")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain; TLS is on when set")
+    tls_key_file: Path | None = Field(None, description="PEM private key for --tls-cert-file")
+    auth_token: str | None = Field(
+        None, description="when set, every RPC but health must carry 'authorization: Bearer <token>'"
+    )
+    log_level: str = Field("INFO", description="logging level")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """The non-None member of an Optional annotation, else the annotation itself."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return members[0] if len(members) == 1 else str
+    return annotation
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:
+    """Adds one flag per settings field (``--max-batch-size`` for ``max_batch_size``).
+
+    Flags default to ``None`` so that only the flags a user gave override the environment.
+    List fields take comma-separated values; booleans take ``--flag`` / ``--no-flag``.
+    """
+    prefix = settings_cls.model_config.get("env_prefix", "")
+    for name, field in settings_cls.model_fields.items():
+        annotation = _scalar_type(field.annotation)
+        env = f"{prefix}{name}".upper()
+        help_text = f"{field.description or ''} [env {env}; default {field.default!r}]"
+        if annotation is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        elif typing.get_origin(annotation) in (list, tuple):
+            parser.add_argument(_flag(name), dest=name, default=None, metavar="A,B",
+                                type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                                help=help_text)
+        else:
+            parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
+
+
+def settings_from_args(settings_cls: type[S], args: argparse.Namespace) -> S:
+    """Builds the settings: given flags override environment variables, which override defaults."""
+    given = {
+        name: getattr(args, name)
+        for name in settings_cls.model_fields
+        if getattr(args, name, None) is not None
+    }
+    return settings_cls(**given)

@@ -1,0 +1,1 @@
+"""The encoder service: images and texts to L2-normalised embeddings."""

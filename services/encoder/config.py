@@ -1,0 +1,62 @@
+"""Encoder service settings (environment prefix ``ENCODER_``, or the flags of ``retrieval encoder serve``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from services.common.settings import ServerSettings
+from services.encoder.registry import DEFAULT_MODEL
+
+
+class EncoderSettings(ServerSettings):
+    """Everything the encoder service is configured with. Sizes in bytes, delays in milliseconds."""
+
+    model_config = SettingsConfigDict(env_prefix="ENCODER_", extra="ignore", validate_default=True)
+
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    metrics_port: int = Field(9101, ge=-1, le=65535,
+                              description="Prometheus metrics port (0: pick a free one, -1: off)")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    dtype: str = Field("auto", description="'auto' (float16 on CUDA, float32 on CPU), 'float32', "
+                                           "'float16' or 'bfloat16'")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_MODEL],
+        description="models loaded and warmed up before the server reports SERVING (comma-separated)")
+    default_model: str = Field(DEFAULT_MODEL, description="model used when a request names none")
+    load_on_demand: bool = Field(
+        True, description="load a known model that was not preloaded on its first request")
+    max_batch_size: int = Field(32, gt=0, description="largest batch the model runs (1: batching off)")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, description="longest wait for more items once a batch has its first one, in ms")
+    max_queue_items: int = Field(
+        2048, gt=0, description="items waiting per model before requests get RESOURCE_EXHAUSTED")
+    max_images_per_request: int = Field(512, gt=0, description="images in one EmbedImages request")
+    max_texts_per_request: int = Field(1024, gt=0, description="texts in one EmbedTexts request")
+    max_image_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest encoded image, in bytes")
+    max_pixels: int = Field(100_000_000, gt=0,
+                            description="largest decoded image, width x height (decompression bombs)")
+    decode_workers: int = Field(0, ge=0, description="threads decoding images (0: one per CPU core)")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU (0: torch's default)")
+    weights_dir: Path | None = Field(
+        None, description="directory searched first for weights: <dir>/<model-id>.pth (file families) "
+                          "or <dir>/<model-id>/ (Hugging Face format)")
+    offline: bool = Field(False, description="never download weights (also on when HF_HUB_OFFLINE=1)")
+    random_weights: bool = Field(
+        False, description="TESTING ONLY: random-initialised weights (reported as weights_source "
+                           "'random-init'); for plumbing and speed tests, never for quality")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    def is_offline(self) -> bool:
+        """Offline when asked, or when the Hugging Face hub is switched off for the process."""
+        return self.offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")

@@ -33,7 +33,10 @@ _StreamEntry = tuple[ModelRuntime, list[str], list[Future[Outcome]]] | BaseExcep
 def deadline_of(context: grpc.ServicerContext) -> float | None:
     """The RPC's deadline as a ``time.monotonic()`` time (None when the client set none)."""
     remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+    # Without a deadline grpcio reports an enormous remaining time rather than None.
+    if remaining is None or remaining > 10**7:
+        return None
+    return time.monotonic() + remaining
 
 
 def to_results(outcomes: Sequence[Outcome], ids: Sequence[str]) -> list[common_pb2.ItemResult]:

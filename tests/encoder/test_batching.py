@@ -1,0 +1,116 @@
+"""The dynamic batcher: batch formation, delay, deadlines, back-pressure."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.encoder.batching import DynamicBatcher
+
+
+class Recorder:
+    """run_batch that records batch sizes and can be held to let a queue build up."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.gate.wait(5)
+        self.sizes.append(len(items))
+        return [i * 10 for i in items]
+
+
+def test_items_waiting_together_run_as_one_batch_in_order() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    batcher = DynamicBatcher(rec, max_batch_size=8, max_delay=0.05, max_queue=100, name="t")
+    try:
+        first = batcher.submit_many([0])
+        time.sleep(0.1)  # the worker holds item 0 at the gate; the rest queue up meanwhile
+        rest = batcher.submit_many(list(range(1, 20)))
+        rec.gate.set()
+        assert [f.result(5) for f in first + rest] == [i * 10 for i in range(20)]
+        assert rec.sizes[0] == 1 and rec.sizes[1:] == [8, 8, 3]
+    finally:
+        batcher.close()
+
+
+def test_max_batch_size_one_turns_batching_off() -> None:
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, max_batch_size=1, max_delay=0.05, max_queue=100, name="t")
+    try:
+        futures = batcher.submit_many(list(range(6)))
+        assert [f.result(5) for f in futures] == [0, 10, 20, 30, 40, 50]
+        assert rec.sizes == [1] * 6
+    finally:
+        batcher.close()
+
+
+def test_a_lone_item_waits_at_most_max_delay() -> None:
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, max_batch_size=64, max_delay=0.02, max_queue=100, name="t")
+    try:
+        start = time.monotonic()
+        assert batcher.submit_many([7])[0].result(5) == 70
+        assert time.monotonic() - start < 0.5
+    finally:
+        batcher.close()
+
+
+def test_expired_items_are_dropped_before_the_model_runs() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    batcher = DynamicBatcher(rec, max_batch_size=4, max_delay=0.0, max_queue=100, name="t")
+    try:
+        blocker = batcher.submit_many([1])
+        time.sleep(0.05)
+        late = batcher.submit_many([2, 3], deadline=time.monotonic() + 0.01)
+        time.sleep(0.05)
+        rec.gate.set()
+        assert blocker[0].result(5) == 10
+        for fut in late:
+            with pytest.raises(DeadlineExceeded):
+                fut.result(5)
+        assert sum(rec.sizes) == 1  # the expired items never reached the model
+    finally:
+        batcher.close()
+
+
+def test_full_queue_refuses_the_whole_submission() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    batcher = DynamicBatcher(rec, max_batch_size=1, max_delay=0.0, max_queue=3, name="t")
+    try:
+        held = batcher.submit_many([0])
+        time.sleep(0.05)  # item 0 is taken by the worker; the queue is empty again
+        batcher.submit_many([1, 2])
+        with pytest.raises(ResourceExhausted, match="queue full"):
+            batcher.submit_many([3, 4])
+        rec.gate.set()
+        assert held[0].result(5) == 0
+    finally:
+        batcher.close()
+
+
+def test_an_exception_fails_every_item_of_its_batch_only() -> None:
+    calls = []
+
+    def run(items: list[int]) -> list[int]:
+        calls.append(items)
+        if 13 in items:
+            raise RuntimeError("boom")
+        return items
+
+    batcher = DynamicBatcher(run, max_batch_size=1, max_delay=0.0, max_queue=10, name="t")
+    try:
+        bad, good = batcher.submit_many([13, 14])
+        with pytest.raises(RuntimeError, match="boom"):
+            bad.result(5)
+        assert good.result(5) == 14
+    finally:
+        batcher.close()

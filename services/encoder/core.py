@@ -93,7 +93,8 @@ class ModelRuntime:
         self.device = device
         self.dtype = dtype
         self._metrics = metrics
-        self._module = family.module.to(device).eval()
+        self._memory_format = torch.channels_last if family.channels_last else torch.contiguous_format
+        self._module = family.module.to(device).to(memory_format=self._memory_format).eval()
         pre = spec.preprocess
         self._mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255.0
@@ -101,14 +102,15 @@ class ModelRuntime:
         self._admit_lock = threading.Lock()
         self.max_admitted = settings.max_queue_items
         delay = settings.max_batch_delay_ms / 1000.0
+        self.max_batch_size = settings.effective_max_batch_size(device.type)
         self.image_batcher: DynamicBatcher[torch.Tensor, Outcome] = DynamicBatcher(
-            self._run_images, max_batch_size=settings.max_batch_size, max_delay=delay,
+            self._run_images, max_batch_size=self.max_batch_size, max_delay=delay,
             max_queue=settings.max_queue_items, name=f"{spec.id}-image",
             on_batch=self._observer(IMAGE))
         self.text_batcher: DynamicBatcher[str, Outcome] | None = None
         if TEXT in spec.modalities and family.embed_texts is not None:
             self.text_batcher = DynamicBatcher(
-                self._run_texts, max_batch_size=settings.max_batch_size, max_delay=delay,
+                self._run_texts, max_batch_size=self.max_batch_size, max_delay=delay,
                 max_queue=settings.max_queue_items, name=f"{spec.id}-text", on_batch=self._observer(TEXT))
 
     @property
@@ -181,7 +183,7 @@ class ModelRuntime:
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         # uint8 travels to the device (4x less than float); normalisation runs there, batched.
-        x = (batch.float() - self._mean) / self._std
+        x = ((batch.float() - self._mean) / self._std).contiguous(memory_format=self._memory_format)
         with torch.inference_mode(), self._autocast():
             return self.family.embed_images(x)
 

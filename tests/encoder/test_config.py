@@ -27,6 +27,6 @@ def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ENCODER_MAX_BATCH_SIZE", "0")
+    monkeypatch.setenv("ENCODER_MAX_BATCH_SIZE", "-1")
     with pytest.raises(ValueError, match="max_batch_size"):
         EncoderSettings()

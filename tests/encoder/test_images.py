@@ -28,7 +28,7 @@ def test_formats_decode_to_rgb(fmt: str) -> None:
 def test_gif_first_frame_is_used() -> None:
     frames = [Image.new("RGB", (64, 64), colour) for colour in ((0, 0, 255), (0, 255, 0))]
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    r, g, b = decode(data, **LIMITS).getpixel((32, 32))
+    _, g, b = decode(data, **LIMITS).getpixel((32, 32))
     assert b > 200 and g < 50
 
 

@@ -39,7 +39,7 @@ def test_batched_and_single_results_agree(random_core: EncoderCore) -> None:
 
 
 def test_clip_text_tower(random_core: EncoderCore) -> None:
-    runtime, outcomes = random_core.embed_texts("clip-vit-b-32", ["a photo of a cat", "a photo of a dog", ""])
+    _, outcomes = random_core.embed_texts("clip-vit-b-32", ["a photo of a cat", "a photo of a dog", ""])
     vectors = np.stack(outcomes)
     assert vectors.shape == (3, 512)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)

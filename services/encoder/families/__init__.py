@@ -60,6 +60,8 @@ class FamilyModel:
         embed_texts: texts to features (B, dim), for models with a text tower.
         weights_source: where the weights came from, or ``random-init``.
         weights_sha256: SHA-256 (hex) of the weights file, empty when there is no single file.
+        channels_last: run in NHWC memory format (convolutional nets: about 2x faster on CPU,
+            tensor-core friendly on GPU).
     """
 
     module: torch.nn.Module
@@ -67,6 +69,7 @@ class FamilyModel:
     embed_texts: Callable[[list[str]], torch.Tensor] | None
     weights_source: str
     weights_sha256: str
+    channels_last: bool = False
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -95,4 +95,4 @@ def load(spec: ModelSpec, ctx: LoadContext) -> FamilyModel:
     def embed_images(x: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.forward_features(x), pre_logits=True)
 
-    return FamilyModel(model, embed_images, None, source, digest)
+    return FamilyModel(model, embed_images, None, source, digest, channels_last=True)

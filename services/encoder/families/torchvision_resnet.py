@@ -50,4 +50,4 @@ def load(spec: ModelSpec, ctx: LoadContext) -> FamilyModel:
         source = str(path)
     model.fc = torch.nn.Identity()
     model.eval()
-    return FamilyModel(model, model, None, source, digest)
+    return FamilyModel(model, model, None, source, digest, channels_last=True)

@@ -1,0 +1,1 @@
+"""The evaluator: datasets, retrieval protocols and metrics, reports."""

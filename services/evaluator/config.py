@@ -1,0 +1,40 @@
+"""Evaluator settings (environment prefix ``EVALUATOR_``, or the flags of ``retrieval evaluator serve``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from services.common.settings import ServerSettings
+
+
+class EvaluatorSettings(ServerSettings):
+    """What the evaluator is configured with: where the other services are, where data may come from."""
+
+    model_config = SettingsConfigDict(env_prefix="EVALUATOR_", extra="ignore", validate_default=True)
+
+    port: int = Field(50053, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    metrics_port: int = Field(9103, ge=-1, le=65535,
+                              description="Prometheus metrics port (0: pick a free one, -1: off)")
+    encoder_address: str = Field("127.0.0.1:50051", description="encoder service (host:port, or dns:///...)")
+    search_address: str = Field("127.0.0.1:50052", description="search service (host:port, or dns:///...)")
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path.cwd()],
+        description="datasets must lie under one of these directories (comma-separated)")
+    output_dir: Path = Field(Path("reports"), description="where run reports (JSON, Markdown, HTML, PNG) go")
+    cache_dir: Path = Field(Path(".cache/retrieval/embeddings"),
+                            description="embeddings cached by dataset fingerprint and model weights")
+    embed_batch: int = Field(32, gt=0, description="images per StreamEmbedImages message")
+    query_concurrency: int = Field(8, gt=0, description="search calls in flight during querying")
+    max_concurrent_runs: int = Field(1, gt=0, description="runs executed at once; others queue")
+    rpc_timeout_seconds: float = Field(600.0, gt=0, description="deadline of each call to the other services")
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(p.strip()) for p in value.split(",") if p.strip()]
+        return value

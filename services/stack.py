@@ -1,0 +1,143 @@
+"""The local stack: encoder, search and evaluator as separate processes on the embedded defaults.
+
+Used by ``retrieval up`` (runs until Ctrl-C / SIGTERM) and by ``retrieval demo`` (the README's job).
+Each service logs to its own file; a service that dies during start-up is reported with its log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.client import channel, wait_serving
+
+SERVICES = ("encoder", "search", "evaluator")
+HEALTH_NAMES = {"encoder": "retrieval.v1.EncoderService", "search": "retrieval.v1.SearchService",
+                "evaluator": "retrieval.v1.EvaluatorService"}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for tests and demos that must not clash with a running stack)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class StackConfig:
+    """Where the stack listens and what it loads.
+
+    Attributes:
+        ports: gRPC port per service; metrics_ports likewise.
+        data_dir: the search service's Qdrant Edge directory.
+        models: encoder models preloaded before the stack reports ready.
+        log_dir: one ``<service>.log`` per service.
+        output_dir, cache_dir: the evaluator's reports and embedding cache.
+        allowed_roots: directories the evaluator may read datasets from.
+    """
+
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=lambda: {"encoder": 50051, "search": 50052, "evaluator": 50053})
+    metrics_ports: dict[str, int] = field(default_factory=lambda: {"encoder": 9101, "search": 9102,
+                                                                  "evaluator": 9103})
+    data_dir: Path = Path(".cache/retrieval/qdrant")
+    models: tuple[str, ...] = ("efficientnet-lite0",)
+    log_dir: Path = Path(".cache/retrieval/logs")
+    output_dir: Path = Path("reports")
+    cache_dir: Path = Path(".cache/retrieval/embeddings")
+    allowed_roots: tuple[Path, ...] = (Path.cwd(),)
+
+    @classmethod
+    def on_free_ports(cls, **kwargs: object) -> StackConfig:
+        config = cls(**kwargs)  # type: ignore[arg-type]
+        config.ports = {s: free_port(config.host) for s in SERVICES}
+        config.metrics_ports = {s: free_port(config.host) for s in SERVICES}
+        return config
+
+    def address(self, service: str) -> str:
+        return f"{self.host}:{self.ports[service]}"
+
+
+class Stack:
+    """Starts the three services as child processes and stops them cleanly."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _command(self, service: str) -> list[str]:
+        c = self.config
+        cmd = [sys.executable, "-m", "services.cli", service, "serve", "--host", c.host,
+               "--port", str(c.ports[service]), "--metrics-port", str(c.metrics_ports[service])]
+        if service == "encoder":
+            cmd += ["--models", ",".join(c.models), "--default-model", c.models[0]]
+        elif service == "search":
+            cmd += ["--data-dir", str(c.data_dir)]
+        else:
+            cmd += ["--encoder-address", c.address("encoder"), "--search-address", c.address("search"),
+                    "--output-dir", str(c.output_dir), "--cache-dir", str(c.cache_dir),
+                    "--allowed-roots", ",".join(str(r) for r in c.allowed_roots)]
+        return cmd
+
+    def start(self, timeout: float = 600.0) -> None:
+        """Starts every service and waits until each reports SERVING.
+
+        Raises:
+            RuntimeError: a service exited during start-up (its log's tail is in the message).
+            TimeoutError: not all SERVING within ``timeout`` seconds.
+        """
+        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        for service in SERVICES:
+            log = (self.config.log_dir / f"{service}.log").open("wb")
+            self.processes[service] = subprocess.Popen(self._command(service), stdout=log, stderr=subprocess.STDOUT,
+                                                       env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        for service in SERVICES:
+            with channel(self.config.address(service)) as chan:
+                while True:
+                    self._check_alive(service)
+                    try:
+                        wait_serving(chan, HEALTH_NAMES[service], timeout=2.0)
+                        break
+                    except TimeoutError:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"{service} not SERVING after {timeout:.0f} s; see "
+                                               f"{self.config.log_dir / (service + '.log')}") from None
+
+    def _check_alive(self, service: str) -> None:
+        proc = self.processes[service]
+        if proc.poll() is not None:
+            log = (self.config.log_dir / f"{service}.log").read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError(f"{service} exited with code {proc.returncode} during start-up:\n" + "\n".join(log))
+
+    def stop(self, grace: float = 15.0) -> dict[str, int | None]:
+        """SIGTERM to every service, SIGKILL after ``grace`` seconds; returns their exit codes."""
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes: dict[str, int | None] = {}
+        for service, proc in self.processes.items():
+            try:
+                codes[service] = proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[service] = proc.wait()
+        return codes
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

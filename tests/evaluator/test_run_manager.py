@@ -1,0 +1,87 @@
+"""The evaluator's run bookkeeping: states, progress watchers, cancellation, failures, metrics."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from services.evaluator.runner import ModelResult, RunSpec
+from services.evaluator.runs import CANCELLED, FAILED, SUCCEEDED, EvaluatorMetrics, RunManager
+
+
+class FakeRunner:
+    """Reports three progress steps; waits on ``gate`` between them; can fail or honour cancellation."""
+
+    def __init__(self, gate: threading.Event, fail: bool = False) -> None:
+        self.gate = gate
+        self.fail = fail
+
+    def run(self, spec: RunSpec, progress: object, cancelled: threading.Event) -> list[ModelResult]:
+        for step in range(3):
+            progress("embedding", step, 3, spec.models[0])  # type: ignore[operator]
+            self.gate.wait(5)
+            if cancelled.is_set():
+                raise Cancelled("run cancelled")
+        if self.fail:
+            raise RuntimeError("encoder exploded")
+        return [ModelResult(model=spec.models[0], report_path=Path("r.json"), metrics={"map": 0.5})]
+
+
+def _manager(runner: FakeRunner) -> tuple[RunManager, CollectorRegistry]:
+    registry = CollectorRegistry()
+    return RunManager(lambda: runner, 1, EvaluatorMetrics(registry)), registry  # type: ignore[arg-type,return-value]
+
+
+SPEC = RunSpec(dataset="/data/x", models=("m",))
+
+
+def test_a_run_progresses_to_success_and_watchers_see_every_stage() -> None:
+    gate = threading.Event()
+    gate.set()
+    manager, registry = _manager(FakeRunner(gate))
+    record = manager.start(SPEC)
+    states = [(r.state, r.done) for r in manager.watch(record.id)]
+    assert states[-1][0] == SUCCEEDED and manager.get(record.id).metrics == {"m/map": 0.5}
+    assert registry.get_sample_value("evaluator_runs_total", {"status": "succeeded"}) == 1.0
+    manager.close()
+
+
+def test_cancel_a_running_run() -> None:
+    gate = threading.Event()
+    manager, _ = _manager(FakeRunner(gate))
+    record = manager.start(SPEC)
+    watcher = manager.watch(record.id)
+    while next(watcher).state != "running":
+        pass
+    manager.cancel(record.id)
+    gate.set()
+    assert [r.state for r in watcher][-1] == CANCELLED
+    with pytest.raises(FailedPrecondition):
+        manager.cancel(record.id)
+    manager.close()
+
+
+def test_failures_are_recorded_with_the_reason() -> None:
+    gate = threading.Event()
+    gate.set()
+    manager, registry = _manager(FakeRunner(gate, fail=True))
+    record = manager.start(SPEC)
+    final = list(manager.watch(record.id))[-1]
+    assert final.state == FAILED and "encoder exploded" in final.error
+    assert registry.get_sample_value("evaluator_runs_total", {"status": "failed"}) == 1.0
+    manager.close()
+
+
+def test_bad_specs_and_unknown_runs() -> None:
+    manager, _ = _manager(FakeRunner(threading.Event()))
+    with pytest.raises(InvalidArgument, match="protocol"):
+        manager.start(RunSpec(dataset="/d", models=("m",), protocol="nope"))
+    with pytest.raises(InvalidArgument, match="no models"):
+        manager.start(RunSpec(dataset="/d", models=()))
+    with pytest.raises(NotFound):
+        manager.get("nope")
+    manager.close()

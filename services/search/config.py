@@ -1,0 +1,60 @@
+"""Search service settings (environment prefix ``SEARCH_``, or the flags of ``retrieval search serve``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServerSettings
+
+MIB = 1024 * 1024
+
+
+class SearchSettings(ServerSettings):
+    """Everything the search service is configured with. Sizes in bytes, times in seconds."""
+
+    model_config = SettingsConfigDict(env_prefix="SEARCH_", extra="ignore", validate_default=True)
+
+    port: int = Field(50052, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    metrics_port: int = Field(9102, ge=-1, le=65535,
+                              description="Prometheus metrics port (0: pick a free one, -1: off)")
+    backend: Literal["edge", "server"] = Field(
+        "edge", description="'edge': Qdrant Edge in-process on --data-dir; 'server': a Qdrant server at --url")
+    data_dir: Path = Field(Path("data/search"), description="edge backend: directory of the collections")
+    url: str | None = Field(None, description="server backend: Qdrant URL, e.g. http://qdrant:6333")
+    api_key: str | None = Field(None, description="server backend: Qdrant API key")
+    https: bool | None = Field(None, description="server backend: TLS to Qdrant (default: from the URL scheme)")
+    prefer_grpc: bool = Field(True, description="server backend: talk gRPC to Qdrant instead of REST")
+    grpc_port: int = Field(6334, ge=1, le=65535, description="server backend: Qdrant's gRPC port")
+    qdrant_timeout: float = Field(10.0, gt=0, description="server backend: timeout of one Qdrant call, in s")
+    health_interval: float = Field(
+        5.0, gt=0, description="server backend: seconds between reachability checks (health NOT_SERVING on failure)")
+    alias_cache_seconds: float = Field(
+        1.0, ge=0, description="server backend: how long a resolved alias/collection is cached (other replicas' "
+                               "alias swaps show after at most this long; 0: resolve on every call)")
+    hnsw_m: int = Field(16, ge=4, le=128, description="HNSW edges per node (new collections)")
+    hnsw_ef_construct: int = Field(128, ge=4, description="HNSW candidates while building (new collections)")
+    hnsw_ef: int = Field(128, ge=1, description="HNSW candidates while searching (raised to k when k is larger)")
+    indexing_threshold_kb: int = Field(
+        10_000, ge=1, description="segments larger than this (KiB of vectors) get an HNSW index; smaller ones "
+                                  "are scanned exactly, which is faster at that size")
+    index_idle_seconds: float = Field(
+        2.0, ge=0, description="edge backend: build the HNSW index once a collection had no writes for this long")
+    search_threads: int = Field(0, ge=0, description="edge backend: search threads per collection (0: per CPU)")
+    sync_writes: bool = Field(
+        True, description="fsync the write-ahead log before acknowledging an upsert (survives power loss, not "
+                          "only a process crash); edge backend")
+    max_upsert_points: int = Field(4096, gt=0, description="points in one UpsertRequest message")
+    max_upsert_bytes: int = Field(16 * MIB, gt=0, description="serialized size of one UpsertRequest message")
+    max_limit: int = Field(10_000, gt=0, description="largest k (limit) of a search or scroll page")
+    max_batch_queries: int = Field(1024, gt=0, description="queries in one SearchBatch request")
+    max_delete_ids: int = Field(100_000, gt=0, description="ids in one Delete request")
+
+    @model_validator(mode="after")
+    def _server_needs_url(self) -> SearchSettings:
+        if self.backend == "server" and not self.url:
+            raise ValueError("backend 'server' needs a url (--url / SEARCH_URL), e.g. http://qdrant:6333")
+        return self

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -74,46 +73,72 @@ def _encoder_embed(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Starts an encoder on the embedded default, embeds sample photos, prints their similarities."""
-    import tempfile
+def _up(args: argparse.Namespace) -> int:
+    """Starts the three services, prints their addresses, stops them on Ctrl-C / SIGTERM."""
+    import signal
+    import threading
 
-    from PIL import Image
-    from skimage import data as samples
+    from services.stack import SERVICES, Stack, StackConfig
 
-    from services.common.client import channel, wait_serving
-
-    port = args.port
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "encoder", "serve", "--port", str(port),
-                               "--metrics-port", "-1", "--models", args.model, "--default-model", args.model],
-                              env=env)
+    options = {"host": args.host, "data_dir": Path(args.data_dir), "models": tuple(args.models),
+               "log_dir": Path(args.log_dir), "output_dir": Path(args.output),
+               "allowed_roots": tuple(Path(r).resolve() for r in args.allowed_roots)}
+    config = StackConfig.on_free_ports(**options) if args.free_ports else StackConfig(**options)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stack = Stack(config)
+    print(f"starting encoder ({', '.join(config.models)}), search (Qdrant Edge in {config.data_dir}) and "
+          f"evaluator; logs in {config.log_dir}", flush=True)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            names = {"cat": samples.chelsea(), "cat-mirrored": samples.chelsea()[:, ::-1],
-                     "coffee": samples.coffee(), "astronaut": samples.astronaut(), "rocket": samples.rocket()}
-            paths = []
-            for name, pixels in names.items():
-                path = Path(tmp) / f"{name}.jpg"
-                Image.fromarray(np.ascontiguousarray(pixels)).save(path, quality=90)
-                paths.append(path)
-            start = time.monotonic()
-            print(f"waiting for the encoder on 127.0.0.1:{port} to load {args.model}...", flush=True)
-            with channel(f"127.0.0.1:{port}") as chan:
-                wait_serving(chan, timeout=300)
-            print(f"encoder ready in {time.monotonic() - start:.1f} s")
-            rows = _embed(f"127.0.0.1:{port}", args.model, paths, timeout=120)
-        vectors = np.stack([np.asarray(r["vector"]) for r in rows])
-        print(f"\n{len(rows)} images embedded with {rows[0]['model']} ({rows[0]['dim']}-d, "
-              f"norms {', '.join(str(r['norm']) for r in rows)})\ncosine similarities:")
-        labels = list(names)
-        print(" " * 14 + "".join(f"{n:>14}" for n in labels))
-        for name, row in zip(labels, vectors @ vectors.T, strict=True):
-            print(f"{name:>14}" + "".join(f"{v:14.3f}" for v in row))
-        return 0
+        stack.start()
+        for service in SERVICES:
+            print(f"  {service:<9} grpc {config.address(service)}   metrics "
+                  f"http://{config.host}:{config.metrics_ports[service]}/metrics")
+        print("ready; Ctrl-C stops", flush=True)
+        while not stop.is_set() and all(p.poll() is None for p in stack.processes.values()):
+            stop.wait(1.0)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        codes = stack.stop()
+        print("stopped: " + ", ".join(f"{s} exit {c}" for s, c in codes.items()))
+    return 0 if all(c == 0 for c in codes.values()) else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The README's main job: the stack on free ports, a leave-one-out benchmark of the encoders on a
+    dataset (scikit-learn's digits by default) through the services, the comparison table."""
+    from services.evaluator.reports import aggregate, load_reports, markdown_table
+    from services.evaluator.runner import RunSpec
+    from services.evaluator.samples import write_digits
+    from services.stack import Stack, StackConfig
+
+    work = Path(args.work_dir)
+    if args.dataset:
+        dataset = Path(args.dataset).resolve()
+    else:
+        dataset = write_digits(work / "datasets" / "digits").resolve()
+        print(f"dataset: scikit-learn digits (1,797 images, 10 classes) written to {dataset}")
+    output = Path(args.output).resolve()
+    config = StackConfig.on_free_ports(data_dir=work / "qdrant", models=tuple(args.models), log_dir=work / "logs",
+                                       output_dir=output, cache_dir=work / "embeddings", allowed_roots=(dataset,))
+    start = time.monotonic()
+    print(f"starting the stack (encoder {config.address('encoder')}, search {config.address('search')}, "
+          f"evaluator {config.address('evaluator')}; logs in {config.log_dir})...", flush=True)
+    with Stack(config):
+        print(f"stack ready in {time.monotonic() - start:.0f} s", flush=True)
+        spec = RunSpec(dataset=str(dataset), models=tuple(args.models), protocol=args.protocol,
+                       catalogue=args.catalogue or "", queries=args.queries or "", output_dir=str(output),
+                       tsne=not args.no_tsne)
+        code = _eval_run_remote(config.address("evaluator"), [spec])
+    if code != 0:
+        return code
+    md_path, html_path = aggregate(output)
+    name = dataset.name
+    reports = [r for r in load_reports(output) if r["dataset"]["name"] == name and r["protocol"] == args.protocol]
+    print(f"\nmAP, {args.protocol} on {name} ({reports[0]['dataset']['n_images']} images):\n")
+    print(markdown_table(reports, "map"))
+    print(f"\nreport: {md_path}\n        {html_path}\ntotal {time.monotonic() - start:.0f} s")
+    return 0
 
 
 def _evaluator_serve(args: argparse.Namespace) -> int:
@@ -168,7 +193,7 @@ def _eval_run(args: argparse.Namespace) -> int:
                      catalogue=args.catalogue or "", queries=args.queries or "", ks=tuple(args.ks),
                      output_dir=str(output.resolve()), tsne=not args.no_tsne) for d in args.dataset]
     if args.evaluator:
-        return _eval_run_remote(args.evaluator, specs, output)
+        return _eval_run_remote(args.evaluator, specs)
     from services.evaluator.servicer import make_runner
 
     # Datasets named on the command line are allowed in addition to the configured roots.
@@ -191,7 +216,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_run_remote(address: str, specs: Sequence[Any], output: Path) -> int:
+def _eval_run_remote(address: str, specs: Sequence[Any]) -> int:
     from retrieval.v1 import evaluator_pb2, evaluator_pb2_grpc
 
     from services.common.client import channel, wait_serving
@@ -216,7 +241,13 @@ def _eval_run_remote(address: str, specs: Sequence[Any], output: Path) -> int:
                 print(f"run {run_id} ended {evaluator_pb2.RunState.Name(last.state) if last else '?'}: "
                       f"{last.error if last else ''}")
             else:
-                print("\n".join(f"{k}: {v:.4f}" for k, v in sorted(last.metrics.items())))
+                by_model: dict[str, dict[str, float]] = {}
+                for key, value in last.metrics.items():
+                    model, _, metric = key.rpartition("/")
+                    by_model.setdefault(model, {})[metric] = value
+                for model, values in by_model.items():
+                    ordered = sorted(values.items(), key=lambda kv: (kv[0] != "map", len(kv[0]), kv[0]))
+                    print(f"{model}: " + ", ".join(f"{k} {v:.4f}" for k, v in ordered))
     return 1 if failed else 0
 
 
@@ -305,9 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(search_serve, SearchSettings)
     search_serve.set_defaults(func=_search_serve)
 
-    demo = commands.add_parser("demo", help="start an encoder, embed sample photos, print similarities")
-    demo.add_argument("--model", default="efficientnet-lite0")
-    demo.add_argument("--port", type=int, default=50061)
+    up = commands.add_parser("up", help="start encoder, search and evaluator locally until Ctrl-C")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--models", type=_comma_list, default=["efficientnet-lite0"], help="encoder models to preload")
+    up.add_argument("--data-dir", default=".cache/retrieval/qdrant", help="Qdrant Edge directory")
+    up.add_argument("--log-dir", default=".cache/retrieval/logs")
+    up.add_argument("--output", default="reports", help="evaluator report directory")
+    up.add_argument("--allowed-roots", type=_comma_list, default=["."], help="where datasets may be read")
+    up.add_argument("--free-ports", action="store_true",
+                    help="pick free ports instead of 50051-50053 (gRPC) and 9101-9103 (metrics)")
+    up.set_defaults(func=_up)
+
+    demo = commands.add_parser("demo", help="benchmark encoders end to end through a fresh local stack")
+    demo.add_argument("--dataset", default=os.environ.get("DATASET", ""),
+                      help="dataset root [env DATASET; default: scikit-learn's digits]")
+    demo.add_argument("--models", type=_comma_list, default=["efficientnet-lite0", "efficientnet-lite2"])
+    demo.add_argument("--protocol", choices=["leave_one_out", "catalogue_query"], default="leave_one_out")
+    demo.add_argument("--catalogue", help="catalogue list (catalogue_query)")
+    demo.add_argument("--queries", help="query list (catalogue_query)")
+    demo.add_argument("--output", default="reports/demo")
+    demo.add_argument("--work-dir", default=".cache/retrieval/demo", help="stack data, logs, embedding cache")
+    demo.add_argument("--no-tsne", action="store_true")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -1,10 +1,11 @@
-"""The `retrieval` command as a user runs it: the README's demo, serve's exit codes and signals."""
+"""The `retrieval` command as a user runs it: the README's job, `up`, serve's exit codes and signals."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +14,10 @@ from pathlib import Path
 import pytest
 
 from services.common.client import channel, wait_serving
+from services.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "services.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -29,20 +25,47 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_demo_embeds_sample_photos_and_prints_similarities() -> None:
-    done = subprocess.run([*CLI, "demo", "--port", str(_free_port())], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "5 images embedded with efficientnet-lite0 (1280-d" in done.stdout
-    table = [line.split() for line in done.stdout.splitlines()]
-    rows = {cells[0]: [float(v) for v in cells[1:]] for cells in table
-            if len(cells) == 6 and cells[0] in ("cat", "cat-mirrored", "coffee") and cells[1][0].isdigit()}
-    assert rows["cat"][0] == pytest.approx(1.0, abs=1e-3)
-    assert rows["cat"][1] > rows["cat"][2] + 0.3  # the mirrored cat is far closer than the coffee cup
+def test_demo_benchmarks_digits_through_the_stack(tmp_path: Path) -> None:
+    done = subprocess.run([*CLI, "demo", "--models", "efficientnet-lite0", "--no-tsne", "--output",
+                           str(tmp_path / "reports"), "--work-dir", str(tmp_path / "work")],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "mAP, leave_one_out on digits (1797 images)" in done.stdout
+    row = re.search(r"\| efficientnet-lite0 \| ([0-9.]+) \|", done.stdout)
+    assert row is not None and 0.2 < float(row.group(1)) <= 1.0
+    report = json.loads((tmp_path / "reports" / "digits__efficientnet-lite0__leave_one_out.json").read_text())
+    assert abs(report["metrics"]["map"] - float(row.group(1))) < 1e-4
+    assert report["dataset"]["n_classes"] == 10 and report["index"]["recall_at_k"]["1"] == 1.0
+    assert (tmp_path / "reports" / "summary.html").is_file()
+
+
+@pytest.mark.slow
+def test_up_starts_three_services_and_stops_on_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen([*CLI, "up", "--free-ports", "--data-dir", str(tmp_path / "q"), "--log-dir",
+                             str(tmp_path / "logs"), "--output", str(tmp_path / "r")],
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        while not any(line.startswith("ready") for line in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        addresses = dict(re.findall(r"^\s+(\w+)\s+grpc (\S+)", "".join(lines), flags=re.M))
+        assert set(addresses) == {"encoder", "search", "evaluator"}
+        for address in addresses.values():
+            with channel(address) as chan:
+                wait_serving(chan, timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "encoder exit 0, search exit 0, evaluator exit 0" in out
+    finally:
+        proc.kill()
 
 
 def test_serve_stops_cleanly_on_sigterm() -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([*CLI, "encoder", "serve", "--port", str(port), "--metrics-port", "-1",
                              "--models", "resnet18", "--default-model", "resnet18", "--random-weights"],
                             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -225,6 +225,10 @@ def create_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    if settings.max_connection_age_seconds > 0:
+        # GOAWAY after this age (in-flight calls get grace_seconds): clients reconnect and re-resolve.
+        options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(settings.grace_seconds * 1000))]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="grpc"),
         interceptors=[_ServerInterceptor(metrics, settings.auth_token)],

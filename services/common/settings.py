@@ -37,6 +37,9 @@ class ServerSettings(BaseSettings):
         512, gt=0, description="RPCs in progress before new ones get RESOURCE_EXHAUSTED"
     )
     grace_seconds: float = Field(10.0, ge=0, description="seconds in-flight RPCs get on SIGTERM")
+    max_connection_age_seconds: float = Field(
+        300.0, ge=0, description="close client connections after this long (0: never), so that clients "
+                                 "re-resolve a headless Service and balance onto new replicas")
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain; TLS is on when set")
     tls_key_file: Path | None = Field(None, description="PEM private key for --tls-cert-file")
     auth_token: str | None = Field(

@@ -37,10 +37,10 @@ class Embedded:
 class EncoderClient:
     """Embeds image files through ``retrieval.v1.EncoderService``."""
 
-    def __init__(self, address: str, timeout: float = 600.0) -> None:
+    def __init__(self, address: str, timeout: float = 600.0, token: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = channel(address)
+        self._channel = channel(address, token=token)
         self._stub = encoder_pb2_grpc.EncoderServiceStub(self._channel)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
@@ -100,10 +100,10 @@ class Hit:
 class SearchClient:
     """Indexes and queries through ``retrieval.v1.SearchService``."""
 
-    def __init__(self, address: str, timeout: float = 600.0) -> None:
+    def __init__(self, address: str, timeout: float = 600.0, token: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = channel(address)
+        self._channel = channel(address, token=token)
         self._stub = search_pb2_grpc.SearchServiceStub(self._channel)
 
     def wait_ready(self, timeout: float = 120.0) -> None:

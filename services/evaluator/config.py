@@ -30,6 +30,8 @@ class EvaluatorSettings(ServerSettings):
     embed_batch: int = Field(32, gt=0, description="images per StreamEmbedImages message")
     query_concurrency: int = Field(8, gt=0, description="search calls in flight during querying")
     max_concurrent_runs: int = Field(1, gt=0, description="runs executed at once; others queue")
+    service_token: str | None = Field(
+        None, description="bearer token sent to the encoder and search services (their --auth-token)")
     rpc_timeout_seconds: float = Field(600.0, gt=0, description="deadline of each call to the other services")
 
     @field_validator("allowed_roots", mode="before")

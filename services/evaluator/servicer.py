@@ -102,8 +102,8 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
 
 def make_runner(settings: EvaluatorSettings) -> Runner:
     """A runner wired to the encoder and search services named in ``settings``."""
-    return Runner(EncoderClient(settings.encoder_address, settings.rpc_timeout_seconds),
-                  SearchClient(settings.search_address, settings.rpc_timeout_seconds),
+    return Runner(EncoderClient(settings.encoder_address, settings.rpc_timeout_seconds, settings.service_token),
+                  SearchClient(settings.search_address, settings.rpc_timeout_seconds, settings.service_token),
                   EmbeddingCache(settings.cache_dir), settings.allowed_roots, settings.output_dir,
                   embed_batch=settings.embed_batch, query_concurrency=settings.query_concurrency)
 

@@ -34,20 +34,35 @@ class Embedded:
     failed: dict[int, str]
 
 
-class EncoderClient:
-    """Embeds image files through ``retrieval.v1.EncoderService``."""
+class _ServiceClient:
+    """A channel to one of the platform's services (bearer token when given) and its health."""
+
+    service = ""
 
     def __init__(self, address: str, timeout: float = 600.0, token: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
         self._channel = channel(address, token=token)
-        self._stub = encoder_pb2_grpc.EncoderServiceStub(self._channel)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
+        """Blocks until the service reports SERVING; Unavailable (retryable) otherwise."""
         try:
-            wait_serving(self._channel, "retrieval.v1.EncoderService", timeout=timeout)
+            wait_serving(self._channel, self.service, timeout=timeout)
         except TimeoutError as exc:
-            raise Unavailable(f"encoder at {self.address} is not serving: {exc}") from exc
+            raise Unavailable(f"{self.service} at {self.address} is not serving: {exc}") from exc
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class EncoderClient(_ServiceClient):
+    """Embeds image files through ``retrieval.v1.EncoderService``."""
+
+    service = "retrieval.v1.EncoderService"
+
+    def __init__(self, address: str, timeout: float = 600.0, token: str | None = None) -> None:
+        super().__init__(address, timeout, token)
+        self._stub = encoder_pb2_grpc.EncoderServiceStub(self._channel)
 
     def model(self, model_id: str) -> encoder_pb2.ModelInfo:
         return self._stub.GetModel(encoder_pb2.GetModelRequest(model=model_id), timeout=self.timeout).model
@@ -87,9 +102,6 @@ class EncoderClient:
         vectors = np.stack(rows) if rows else np.zeros((0, dim), dtype=np.float32)
         return Embedded(ok=ok, vectors=vectors, failed=failed)
 
-    def close(self) -> None:
-        self._channel.close()
-
 
 @dataclass(frozen=True)
 class Hit:
@@ -97,20 +109,14 @@ class Hit:
     score: float
 
 
-class SearchClient:
+class SearchClient(_ServiceClient):
     """Indexes and queries through ``retrieval.v1.SearchService``."""
 
-    def __init__(self, address: str, timeout: float = 600.0, token: str | None = None) -> None:
-        self.address = address
-        self.timeout = timeout
-        self._channel = channel(address, token=token)
-        self._stub = search_pb2_grpc.SearchServiceStub(self._channel)
+    service = "retrieval.v1.SearchService"
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        try:
-            wait_serving(self._channel, "retrieval.v1.SearchService", timeout=timeout)
-        except TimeoutError as exc:
-            raise Unavailable(f"search service at {self.address} is not serving: {exc}") from exc
+    def __init__(self, address: str, timeout: float = 600.0, token: str | None = None) -> None:
+        super().__init__(address, timeout, token)
+        self._stub = search_pb2_grpc.SearchServiceStub(self._channel)
 
     def recreate_collection(self, name: str, dim: int, model: str, dataset: str) -> None:
         """A fresh, empty collection (an earlier one of the same name is dropped)."""
@@ -184,6 +190,3 @@ class SearchClient:
             if progress is not None:
                 progress(len(out), len(vectors))
         return out
-
-    def close(self) -> None:
-        self._channel.close()

@@ -31,7 +31,7 @@ class EncoderSettings(ServerSettings):
     load_on_demand: bool = Field(
         True, description="load a known model that was not preloaded on its first request")
     max_batch_size: int = Field(
-        0, ge=0, description="largest batch the model runs (1: batching off; 0: auto, 32 on CUDA and 4 on "
+        0, ge=0, description="largest batch the model runs (1: batching off; 0: auto, 32 on CUDA and 8 on "
                              "CPU, where larger batches cost more per image)")
     max_batch_delay_ms: float = Field(
         5.0, ge=0, description="longest wait for more items once a batch has its first one, in ms")
@@ -62,13 +62,15 @@ class EncoderSettings(ServerSettings):
     def effective_max_batch_size(self, device_type: str) -> int:
         """``max_batch_size``, or for 0 the measured sweet spot of the device type.
 
-        On CPUs the per-image cost grows with the batch (2-core x86, EfficientNet-Lite0: 118 img/s
-        at batch 1 and 4, 87 at 8, 64 at 32), so batching there only bounds queueing; on GPUs
+        On CPUs the model's own per-image cost grows with the batch (2-core x86, EfficientNet-Lite0,
+        forward only: 118 img/s at batch 1 and 4, 87 at 8, 64 at 32), while each batch also carries a
+        fixed cost (hand-off, stacking, checks); under 32 concurrent clients through the service, 8
+        gave the most (78.6 img/s against 69.0 at 4 and 63.8 at 32; benchmarks/encoder.py). On GPUs
         batches are where the throughput comes from.
         """
         if self.max_batch_size:
             return self.max_batch_size
-        return 32 if device_type == "cuda" else 4
+        return 32 if device_type == "cuda" else 8
 
     def is_offline(self) -> bool:
         """Offline when asked, or when the Hugging Face hub is switched off for the process."""

@@ -6,8 +6,8 @@ import time
 
 import grpc
 import pytest
-
 from retrieval.v1 import encoder_pb2, encoder_pb2_grpc
+
 from services.common.client import channel, wait_serving
 from services.encoder.config import EncoderSettings
 from services.encoder.servicer import create_encoder_server
@@ -29,7 +29,7 @@ def test_clients_with_the_token_pass_and_others_are_refused() -> None:
             assert stub.ListModels(encoder_pb2.ListModelsRequest()).models
             # Streams carry it too.
             request = encoder_pb2.StreamEmbedImagesRequest(model="resnet18", images=[encoder_pb2.Image(data=b"")])
-            assert list(stub.StreamEmbedImages(iter([request])))[0].results[0].HasField("error")
+            assert next(iter(stub.StreamEmbedImages(iter([request])))).results[0].HasField("error")
         client = EncoderClient(address, token="t0ken")
         assert client.model("efficientnet-lite0").dim == 1280
         client.close()

@@ -32,6 +32,19 @@ def caltech101_dir() -> Path:
     return _require(CALTECH101 / "list_of_images.txt").parent
 
 
+def require_binary(name: str, package: str = "prometheus") -> str:
+    """The path of a system tool the test needs: fails in CI (which installs it), skips elsewhere."""
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        message = f"{name} is not on PATH (Debian/Ubuntu: apt-get install {package})"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"{message}: CI installs it and must run this test")
+        pytest.skip(message)
+    return found
+
+
 def sample_caltech(classes: int, per_class: int, seed: int = 0) -> list[tuple[Path, str]]:
     """A seeded sample of (image path, class) from Caltech-101: ``classes`` x ``per_class`` images."""
     lines = _require(CALTECH101 / "list_of_images.txt").read_text().splitlines()

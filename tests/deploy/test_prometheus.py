@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +16,7 @@ from retrieval.v1 import encoder_pb2
 
 from services.common.metrics import GrpcServerMetrics
 from services.encoder.metrics import EncoderMetrics
+from tests.conftest import require_binary
 from tests.deploy.manifests import DEPLOY, Obj, find
 
 RULES = DEPLOY / "prometheus" / "rules" / "retrieval.rules.yml"
@@ -31,13 +30,7 @@ PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", 
 
 def promtool() -> str:
     """promtool from PATH; CI must have it (Debian package `prometheus`), elsewhere its tests are skipped."""
-    found = shutil.which("promtool")
-    if found is None:
-        message = "promtool is not on PATH (Debian/Ubuntu: apt-get install prometheus)"
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"{message}: CI must run the rule unit tests")
-        pytest.skip(message)
-    return found
+    return require_binary("promtool")
 
 
 def rules() -> list[dict[str, Any]]:

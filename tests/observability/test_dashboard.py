@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -31,6 +29,7 @@ from services.evaluator.servicer import create_evaluator_server
 from services.search.config import SearchSettings
 from services.search.servicer import create_search_server
 from services.stack import SERVICES, free_port
+from tests.conftest import require_binary
 from tests.encoder.images import jpeg
 
 REPO = Path(__file__).resolve().parents[2]
@@ -605,12 +604,7 @@ def test_checker_catches_a_broken_expression(service_scrapes: dict[str, Scrape],
 @pytest.fixture(scope="module")
 def empty_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A throwaway Prometheus on loopback with no targets: its query API parses PromQL exactly as production does."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        message = "prometheus is not on PATH (Debian/Ubuntu: apt-get install prometheus)"
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"{message}: CI installs it and must check the dashboard's PromQL")
-        pytest.skip(message)
+    binary = require_binary("prometheus")
     work = tmp_path_factory.mktemp("prometheus-syntax")
     (work / "prometheus.yml").write_text("global:\n  scrape_interval: 1m\n")
     url = f"http://127.0.0.1:{free_port()}"

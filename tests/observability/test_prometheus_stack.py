@@ -4,8 +4,6 @@ alerts read are really there, with real values. Prometheus comes from Debian's `
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -20,6 +18,7 @@ from retrieval.v1 import encoder_pb2, encoder_pb2_grpc, evaluator_pb2, evaluator
 
 from services.common.client import channel
 from services.stack import SERVICES, Stack, StackConfig, free_port
+from tests.conftest import require_binary
 from tests.encoder.images import jpeg
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,18 +26,8 @@ PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 pytestmark = pytest.mark.slow
 
 
-def _binary(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        message = f"{name} is not on PATH (Debian/Ubuntu: apt-get install prometheus)"
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"{message}: CI installs it and must run this test")
-        pytest.skip(message)
-    return found
-
-
 def test_local_scrape_config_is_valid() -> None:
-    done = subprocess.run([_binary("promtool"), "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
+    done = subprocess.run([require_binary("promtool"), "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout + done.stderr
@@ -56,7 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackConfig]:
 @pytest.fixture(scope="module")
 def prometheus(stack: StackConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Prometheus on loopback with the local scrape config, pointed at this stack's ports, 1 s scrapes."""
-    binary = _binary("prometheus")
+    binary = require_binary("prometheus")
     work = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}

@@ -86,3 +86,25 @@ def test_serve_exits_non_zero_when_preloaded_weights_are_missing(tmp_path: Path)
     assert done.returncode == 1
     assert "resnet18-f37072fd.pth" in done.stderr and "offline" in done.stderr
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_encoder_embed_prints_one_json_line_per_image(tmp_path: Path) -> None:
+    from services.encoder.config import EncoderSettings
+    from services.encoder.servicer import create_encoder_server
+    from tests.encoder.images import jpeg
+
+    good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
+    good.write_bytes(jpeg())
+    bad.write_bytes(b"not an image")
+    running, core = create_encoder_server(EncoderSettings(port=0, metrics_port=-1), background=False)
+    try:
+        done = subprocess.run([*CLI, "encoder", "embed", "--address", f"127.0.0.1:{running.port}", str(good), str(bad)],
+                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        running.stop(0)
+        core.close()
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 1  # one image failed
+    assert rows[0]["dim"] == 1280 and abs(rows[0]["norm"] - 1.0) < 1e-5 and rows[0]["id"] == str(good)
+    assert rows[1]["code"] == 3 and "image 1 of 2" in rows[1]["error"]

@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,9 +26,9 @@ from services.evaluator.config import EvaluatorSettings
 from services.evaluator.servicer import create_evaluator_server
 from services.search.config import SearchSettings
 from services.search.servicer import create_search_server
-from services.stack import SERVICES, free_port
-from tests.conftest import require_binary
+from services.stack import SERVICES
 from tests.encoder.images import jpeg
+from tests.observability.prometheus import running_prometheus
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "retrieval.json"
@@ -604,28 +602,9 @@ def test_checker_catches_a_broken_expression(service_scrapes: dict[str, Scrape],
 @pytest.fixture(scope="module")
 def empty_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A throwaway Prometheus on loopback with no targets: its query API parses PromQL exactly as production does."""
-    binary = require_binary("prometheus")
     work = tmp_path_factory.mktemp("prometheus-syntax")
-    (work / "prometheus.yml").write_text("global:\n  scrape_interval: 1m\n")
-    url = f"http://127.0.0.1:{free_port()}"
-    log = (work / "prometheus.log").open("wb")
-    proc = subprocess.Popen([binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-                             f"--web.listen-address={url.removeprefix('http://')}"], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/-/ready", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((work / "prometheus.log").read_text()[-2000:]) from None
-                time.sleep(0.2)
+    with running_prometheus("global:\n  scrape_interval: 1m\n", work) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def _query(url: str, expr: str) -> dict[str, Any]:

@@ -17,9 +17,10 @@ import yaml
 from retrieval.v1 import encoder_pb2, encoder_pb2_grpc, evaluator_pb2, evaluator_pb2_grpc, search_pb2, search_pb2_grpc
 
 from services.common.client import channel
-from services.stack import SERVICES, Stack, StackConfig, free_port
+from services.stack import SERVICES, Stack, StackConfig
 from tests.conftest import require_binary
 from tests.encoder.images import jpeg
+from tests.observability.prometheus import running_prometheus
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -45,33 +46,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackConfig]:
 @pytest.fixture(scope="module")
 def prometheus(stack: StackConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Prometheus on loopback with the local scrape config, pointed at this stack's ports, 1 s scrapes."""
-    binary = require_binary("prometheus")
     work = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(PROMETHEUS_DIR / "rules" / "retrieval.rules.yml")]
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [f"127.0.0.1:{stack.metrics_ports[job['job_name']]}"]}]
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    proc = subprocess.Popen([binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=(work / "prometheus.log").open("wb"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/-/ready", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((work / "prometheus.log").read_text()[-2000:]) from None
-                time.sleep(0.3)
+    with running_prometheus(yaml.safe_dump(config), work) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _query(url: str, expr: str) -> list[dict[str, object]]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 
 class ServiceError(Exception):
@@ -15,9 +18,11 @@ class ServiceError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # Seconds after which a retry may succeed (load shedding); sent as google.rpc.RetryInfo.
+        self.retry_after = retry_after
 
 
 class InvalidArgument(ServiceError):
@@ -84,3 +89,33 @@ def rpc_code_value(code: grpc.StatusCode) -> int:
     """The numeric google.rpc.Code of a grpc.StatusCode (for per-item google.rpc.Status)."""
     value: int = code.value[0]
     return value
+
+
+def rich_status(code: grpc.StatusCode, message: str, retry_after: float | None = None) -> grpc.Status:
+    """A status for ``context.abort_with_status``, with a ``google.rpc.RetryInfo`` detail when
+    ``retry_after`` (seconds) is given: the hint that tells a client this refusal is load shedding
+    and when to try again."""
+    details = []
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after * 1e9))
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(info)
+    return rpc_status.to_status(status_pb2.Status(code=rpc_code_value(code), message=message, details=details))
+
+
+def retry_after_of(error: grpc.RpcError) -> float | None:
+    """The ``RetryInfo`` delay (seconds) a server attached to ``error``, or None when there is none."""
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, AttributeError):
+        return None
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToNanoseconds()) / 1e9
+    return None

@@ -32,19 +32,31 @@ class ServerSettings(BaseSettings):
     max_message_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="largest gRPC message accepted or sent, in bytes"
     )
-    grpc_workers: int = Field(64, gt=0, description="threads serving RPCs (concurrent RPCs in progress)")
+    grpc_workers: int = Field(
+        64, gt=0, description="threads running unary RPCs (health checks and streams have their own)")
     max_concurrent_rpcs: int = Field(
-        512, gt=0, description="RPCs in progress before new ones get RESOURCE_EXHAUSTED"
-    )
+        512, gt=0, description="unary RPCs running or waiting for a thread; beyond it new ones get "
+                               "RESOURCE_EXHAUSTED with a retry hint")
+    max_concurrent_streams: int = Field(
+        32, gt=0, description="streaming RPCs at once, each on a thread of its own pool (so idle streams "
+                              "never take the unary threads); beyond it RESOURCE_EXHAUSTED with a retry hint")
+    max_watch_streams: int = Field(
+        256, gt=0, description="open grpc.health.v1 Watch streams (they hold no thread; open to callers "
+                               "without a token, as probes are)")
     grace_seconds: float = Field(10.0, ge=0, description="seconds in-flight RPCs get on SIGTERM")
     max_connection_age_seconds: float = Field(
         300.0, ge=0, description="close client connections after this long (0: never), so that clients "
                                  "re-resolve a headless Service and balance onto new replicas")
+    max_connection_age_grace_seconds: float = Field(
+        0.0, ge=0, description="how long calls in flight on an aged-out connection may still run (0: until "
+                               "they end), so that long streams (WatchRun, bulk ingest) are not cut")
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain; TLS is on when set")
     tls_key_file: Path | None = Field(None, description="PEM private key for --tls-cert-file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)")
     auth_token: str | None = Field(
-        None, description="when set, every RPC but health must carry 'authorization: Bearer <token>'"
-    )
+        None, description="when set, every RPC but health and reflection must carry exactly one "
+                          "'authorization: Bearer <token>' header")
     log_level: str = Field("INFO", description="logging level")
 
 

@@ -40,8 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 from retrieval.v1 import search_pb2, search_pb2_grpc  # noqa: E402
 
-from services.common.client import channel, wait_serving  # noqa: E402
-from services.search.client import upsert_messages  # noqa: E402
+from services.common.clients import (  # noqa: E402
+    channel,
+    upsert_messages,
+    wait_serving,
+)
 from services.search.config import SearchSettings  # noqa: E402
 from services.search.core import SearchCore  # noqa: E402
 from services.search.edge_store import EdgeStore  # noqa: E402
@@ -222,10 +225,10 @@ def through_service(data_dir: Path, catalogue: np.ndarray, classes: np.ndarray, 
                 dataset="synthetic", path=f"c{c}/{i}.jpg", labels=[f"c{c}"]))
                 for i, (v, c) in enumerate(zip(catalogue, classes, strict=True))]
             start = time.perf_counter()
-            # One stream per --ingest-batch points, like the in-process rows (each acknowledged after fsync).
-            for i in range(0, len(messages), args.ingest_batch):
-                stub.Upsert(upsert_messages("bench__ingest", messages[i:i + args.ingest_batch],
-                                            max_points=args.ingest_batch))
+            # One stream of --ingest-batch point messages, each acknowledged after its fsync, like the
+            # in-process rows.
+            acks = list(stub.Upsert(upsert_messages("bench__ingest", messages, max_points=args.ingest_batch)))
+            assert sum(a.upserted for a in acks) == len(messages)
             row.ingest_s = len(messages) / (time.perf_counter() - start)
     finally:
         server.terminate()

@@ -119,3 +119,21 @@ def retry_after_of(error: grpc.RpcError) -> float | None:
             detail.Unpack(info)
             return float(info.retry_delay.ToNanoseconds()) / 1e9
     return None
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
+    cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
+                              Unavailable, DeadlineExceeded, Cancelled, Unauthenticated, Internal)
+}
+
+
+def from_rpc_error(error: grpc.RpcError, where: str) -> ServiceError:
+    """The domain error for a failed call to another service, its message a sentence that says where.
+
+    For example ``search service at 10.0.0.7:50052: NOT_FOUND: no collection named 'x'``. Codes
+    without a domain class (UNKNOWN, UNIMPLEMENTED, ...) become ``Internal``; the retry hint travels.
+    """
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    cls = _BY_CODE.get(code, Internal)
+    return cls(f"{where}: {code.name}: {details}", retry_after=retry_after_of(error))

@@ -456,14 +456,14 @@ class _ErrorsInterceptor(grpc.ServerInterceptor):
         def checked(requests: Iterator[Any]) -> Iterator[Any]:
             for index, request in enumerate(requests):
                 if isinstance(request, _Undecodable):
-                    raise _BadMessage(f"stream message {index}: {request.reason}")
+                    raise _BadMessage(f"stream message {index} is {request.reason}")
                 yield request
 
         def wrap(inner: Behavior) -> Behavior:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
                     if isinstance(request, _Undecodable):
-                        raise _BadMessage(f"request {request.reason}")
+                        raise _BadMessage(f"the request is {request.reason}")
                     if handler.request_streaming:
                         request = checked(request)
                     if not handler.response_streaming:

@@ -102,3 +102,18 @@ def settings_from_args(settings_cls: type[S], args: argparse.Namespace) -> S:
         if getattr(args, name, None) is not None
     }
     return settings_cls(**given)
+
+
+class ClientSettings(BaseSettings):
+    """How the ``retrieval`` command reaches running services (environment prefix ``RETRIEVAL_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="RETRIEVAL_", extra="ignore", validate_default=True)
+
+    token: str | None = Field(None, description="bearer token sent to the services (their --auth-token)")
+    tls_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that signed the services' certificates (TLS is on when a TLS file is set)")
+    tls_cert_file: Path | None = Field(None, description="PEM client certificate, for servers requiring mutual TLS")
+    tls_key_file: Path | None = Field(None, description="PEM key of --tls-cert-file")
+    tls_server_name: str | None = Field(
+        None, description="name to check the server certificate against, when it differs from the address")
+    timeout: float = Field(600.0, gt=0, description="deadline of one call, in seconds")

@@ -51,6 +51,10 @@ class SearchSettings(ServerSettings):
     max_upsert_bytes: int = Field(16 * MIB, gt=0, description="serialized size of one UpsertRequest message")
     max_limit: int = Field(10_000, gt=0, description="largest k (limit) of a search or scroll page")
     max_batch_queries: int = Field(1024, gt=0, description="queries in one SearchBatch request")
+    max_batch_hits: int = Field(
+        65_536, gt=0, description="hits one Search or SearchBatch request may ask for (the sum of its limits)")
+    max_collections: int = Field(
+        256, gt=0, description="collections this server holds (each costs memory and threads even when empty)")
     max_delete_ids: int = Field(100_000, gt=0, description="ids in one Delete request")
 
     @model_validator(mode="after")

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import NoReturn
 
 import numpy as np
 
@@ -24,7 +23,6 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    ServiceError,
 )
 from services.search.config import SearchSettings
 from services.search.metrics import SearchMetrics
@@ -44,6 +42,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 MAX_DIM = 65_536  # Qdrant's largest dense vector
 MAX_FILTER_LABELS = 1024
 DEFAULT_SCROLL_LIMIT = 256
+# Bytes a hit's payload (dataset, path, labels) is assumed to take in an answer, for the size bound.
+PAYLOAD_BYTES_ESTIMATE = 160
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,6 @@ class CollectionInfo:
     points_count: int
     status: IndexStatus
     aliases: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class UpsertResult:
-    """What an upsert stream wrote: the number of points and their ids in the order received."""
-
-    upserted: int
-    ids: list[str]
 
 
 def check_name(name: str, what: str) -> str:
@@ -161,6 +153,11 @@ class SearchCore:
             except NotFound:
                 existing = None
             if existing is None:
+                count = len(self.store.list_collections())
+                if count >= self.settings.max_collections:
+                    raise ResourceExhausted(
+                        f"collection {name!r}: this server holds {count} collections, the limit "
+                        f"(SEARCH_MAX_COLLECTIONS) is {self.settings.max_collections}; delete unused ones")
                 meta = CollectionMeta(name=name, dim=dim, model=model, dataset=dataset)
                 self.store.create_collection(meta)
                 return self._info(meta, aliases)
@@ -215,17 +212,13 @@ class SearchCore:
     # -- writes ----------------------------------------------------------------------------------
 
     def upsert_session(self) -> UpsertSession:
-        """A session for one Upsert stream: feed it messages with ``add``, end it with ``finish``."""
+        """A session for one Upsert stream: feed it messages with ``add``, one acknowledgement each."""
         return UpsertSession(self)
 
-    def upsert(self, collection: str, points: Sequence[Point]) -> UpsertResult:
-        """Upserts one batch (in-process callers); the same checks and acknowledgement as a stream."""
-        session = self.upsert_session()
-        try:
-            session.add(collection, points)
-        except ServiceError as exc:
-            session.abort(exc)
-        return session.finish()
+    def upsert(self, collection: str, points: Sequence[Point]) -> int:
+        """Upserts one batch (in-process callers), checked and durable as one stream message;
+        returns the distinct points written."""
+        return self.upsert_session().add(collection, points)
 
     def check_point(self, point: Point, meta: CollectionMeta, where: str) -> Point:
         """The point to store: id checked or derived from (dataset, path), vector and payload checked."""
@@ -273,37 +266,87 @@ class SearchCore:
     def _check_query(self, query: Query, meta: CollectionMeta, where: str) -> Query:
         if not 1 <= query.limit <= self.settings.max_limit:
             raise InvalidArgument(f"{where}: limit {query.limit} is not between 1 and {self.settings.max_limit}")
-        vector = check_vector(query.vector, meta, where)
+        if query.point_id and len(query.vector):
+            raise InvalidArgument(f"{where}: give a vector or query_point_id, not both")
+        vector = query.vector if query.point_id else check_vector(query.vector, meta, where)
         flt = check_filter(query.filter, f"{where}: filter")
         exclude = tuple(check_point_id(pid, f"{where}: exclude_ids[{i}]") for i, pid in enumerate(query.exclude_ids))
-        return replace(query, vector=vector, filter=flt, exclude_ids=exclude)
+        point = check_point_id(query.point_id, f"{where}: query_point_id") if query.point_id else ""
+        return replace(query, vector=vector, filter=flt, exclude_ids=exclude, point_id=point)
+
+    def _with_stored_vectors(self, meta: CollectionMeta, queries: list[Query], wheres: list[str]) -> list[Query]:
+        """Queries by stored point get that point's vector (one engine call) and exclude the point."""
+        wanted = sorted({q.point_id for q in queries if q.point_id})
+        if not wanted:
+            return queries
+        found = {p.id: p.vector for p in self.store.retrieve(meta.name, wanted, with_vector=True)}
+        out = []
+        for query, where in zip(queries, wheres, strict=True):
+            if query.point_id:
+                if query.point_id not in found:
+                    raise NotFound(f"{where}: no point {query.point_id} in collection {meta.name!r}")
+                query = replace(query, vector=found[query.point_id],
+                                exclude_ids=(query.point_id, *query.exclude_ids))
+            out.append(query)
+        return out
+
+    def _check_cost(self, queries: Sequence[Query], dims: Sequence[int], what: str) -> None:
+        """Refuses, before any work, a request whose answer would be too big to build or send.
+
+        The bound is on hits (the sum of the limits, ``max_batch_hits``) and on the answer's size
+        estimated from them: ~48 bytes per hit, up to ``PAYLOAD_BYTES_ESTIMATE`` for its payload and
+        4 bytes per vector value, against the server's ``max_message_bytes``.
+        """
+        hits = sum(q.limit for q in queries)
+        if hits > self.settings.max_batch_hits:
+            raise ResourceExhausted(
+                f"{what}: {len(queries)} queries asking for {hits} hits in all; at most "
+                f"{self.settings.max_batch_hits} (SEARCH_MAX_BATCH_HITS): lower the limits or split the batch")
+        size = sum(q.limit * (48 + (PAYLOAD_BYTES_ESTIMATE if q.with_payload else 0)
+                              + (4 * dim if q.with_vector else 0)) for q, dim in zip(queries, dims, strict=True))
+        if size > self.settings.max_message_bytes:
+            raise ResourceExhausted(
+                f"{what}: the answer would be about {size} bytes, over the {self.settings.max_message_bytes}-byte "
+                "message limit; ask for fewer hits, or without vectors or payloads")
 
     def search(self, collection: str, query: Query) -> list[Hit]:
         """The ``query.limit`` nearest points (cosine), best first, honouring filter and exclusions."""
         meta = self.store.resolve(collection)
         checked = self._check_query(query, meta, "search")
+        self._check_cost([checked], [meta.dim], "search")
         with self._timed("search"):
-            return self.store.query(meta.name, [checked])[0]
+            [ready] = self._with_stored_vectors(meta, [checked], ["search"])
+            return self.store.query(meta.name, [ready])[0]
 
     def search_batch(self, queries: Sequence[tuple[str, Query]]) -> list[list[Hit]]:
-        """Answers (collection, query) pairs in order; one engine call per collection."""
+        """Answers (collection, query) pairs in order; one engine call per collection.
+
+        Every query is checked, and the whole batch's cost bounded, before any of it runs.
+        """
         if len(queries) > self.settings.max_batch_queries:
             raise ResourceExhausted(f"search batch: {len(queries)} queries; at most "
                                     f"{self.settings.max_batch_queries} per request")
-        groups: dict[str, tuple[list[int], list[Query]]] = {}
+        groups: dict[str, tuple[CollectionMeta, list[int], list[Query], list[str]]] = {}
+        dims: list[int] = []
+        checked_all: list[Query] = []
         for i, (collection, query) in enumerate(queries):
             where = f"query {i} of {len(queries)}"
             try:
                 meta = self.store.resolve(collection)
             except NotFound as exc:
                 raise NotFound(f"{where}: {exc.message}") from None
-            positions, checked = groups.setdefault(meta.name, ([], []))
+            _, positions, checked, wheres = groups.setdefault(meta.name, (meta, [], [], []))
             positions.append(i)
             checked.append(self._check_query(query, meta, where))
+            wheres.append(where)
+            checked_all.append(checked[-1])
+            dims.append(meta.dim)
+        self._check_cost(checked_all, dims, "search batch")
         results: list[list[Hit]] = [[] for _ in queries]
         with self._timed("search_batch"):
-            for name, (positions, checked) in groups.items():
-                for position, hits in zip(positions, self.store.query(name, checked), strict=True):
+            for name, (meta, positions, checked, wheres) in groups.items():
+                ready = self._with_stored_vectors(meta, checked, wheres)
+                for position, hits in zip(positions, self.store.query(name, ready), strict=True):
                     results[position] = hits
         return results
 
@@ -311,17 +354,10 @@ class SearchCore:
                      exclude_ids: Sequence[str] = (), exact: bool = False, with_payload: bool = True,
                      with_vector: bool = False) -> list[Hit]:
         """Searches with the stored vector of point ``pid``; ``pid`` itself is never among the hits."""
-        meta = self.store.resolve(collection)
-        pid = check_point_id(pid, "search by id: id")
-        with self._timed("search_by_id"):
-            found = self.store.retrieve(meta.name, [pid], with_vector=True)
-            if not found:
-                raise NotFound(f"search by id: no point {pid} in collection {meta.name!r}")
-            query = Query(vector=found[0].vector, limit=limit, filter=filter,
-                          exclude_ids=(pid, *exclude_ids), exact=exact, with_payload=with_payload,
-                          with_vector=with_vector)
-            checked = self._check_query(query, meta, "search by id")
-            return self.store.query(meta.name, [checked])[0]
+        query = Query(vector=np.empty(0, np.float32), limit=limit, filter=filter, exclude_ids=tuple(exclude_ids),
+                      exact=exact, with_payload=with_payload, with_vector=with_vector,
+                      point_id=check_point_id(pid, "search by id: id"))
+        return self.search(collection, query)
 
     def count(self, collection: str, filter: Filter | None = None) -> int:
         """Exact number of points matching ``filter`` (all points when None)."""
@@ -349,22 +385,22 @@ class SearchCore:
 
 
 class UpsertSession:
-    """One Upsert stream: each message is checked whole, then written; ``finish`` acknowledges.
+    """One Upsert stream: each message is checked whole, then written, then acknowledged.
 
-    A message is the unit of atomicity: a bad point rejects its message before anything of it is
-    written, while the messages before it stay written (and durable); the error says how many.
-    Re-sending is harmless, since point ids are deterministic.
+    A message is the unit of atomicity and of acknowledgement: a bad point rejects its message
+    before anything of it is written, while the messages before it stay written (and durable, each
+    acknowledged after its fsync when ``sync_writes``). Re-sending is harmless: ids are deterministic.
     """
 
     def __init__(self, core: SearchCore) -> None:
         self.core = core
         self.meta: CollectionMeta | None = None
         self.messages = 0
-        self.ids: list[str] = []
         self._name = ""  # the collection (or alias) the stream named first
 
-    def add(self, collection: str, points: Sequence[Point], size_bytes: int = 0) -> None:
-        """Checks and writes one message's points (``size_bytes``: its serialized size, when known)."""
+    def add(self, collection: str, points: Sequence[Point], size_bytes: int = 0) -> int:
+        """Checks, writes and makes durable one message's points (``size_bytes``: its serialized size,
+        when known); returns how many distinct points it wrote (a point sent twice counts once)."""
         settings = self.core.settings
         where = f"upsert message {self.messages}"
         self.messages += 1
@@ -374,41 +410,26 @@ class UpsertSession:
         if len(points) > settings.max_upsert_points:
             raise ResourceExhausted(f"{where}: {len(points)} points; at most {settings.max_upsert_points} per "
                                     "message (send the points in more, smaller messages)")
+        if collection and self.meta is not None and collection != self._name:
+            raise InvalidArgument(f"{where}: names collection {collection!r}, but the stream began with "
+                                  f"{self._name!r}")
         if self.meta is None:
             if not collection:
                 raise InvalidArgument(f"{where}: the first message must name the collection")
             self.meta = self.core.store.resolve(collection)
             self._name = collection
-        elif collection and collection != self._name:
-            raise InvalidArgument(f"{where}: names collection {collection!r}, but the stream began with "
-                                  f"{self._name!r}")
         meta = self.meta
         checked = [self.core.check_point(p, meta, f"{where}, point {i} of {len(points)}")
                    for i, p in enumerate(points)]
-        if not checked:
-            return
+        # The last of several points with one id wins, as it would in the engine; it counts once.
+        distinct = list({p.id: p for p in checked}.values())
+        if not distinct:
+            return 0
         with self.core._timed("upsert", write=True):
-            self.core.store.upsert(meta.name, checked)
-        self.ids.extend(p.id for p in checked)
-        if self.core.metrics is not None:
-            self.core.metrics.upserted.labels(meta.name).inc(len(checked))
-
-    def _sync(self) -> None:
-        if self.meta is not None and self.ids and self.core.settings.sync_writes:
+            self.core.store.upsert(meta.name, distinct)
+        if settings.sync_writes:
             with self.core._timed("sync", write=True):
-                self.core.store.sync(self.meta.name)
-
-    def finish(self) -> UpsertResult:
-        """Makes the written points durable (fsync when ``sync_writes``) and acknowledges them."""
-        if self.meta is None:
-            raise InvalidArgument("upsert: the stream had no message naming a collection")
-        self._sync()
-        return UpsertResult(upserted=len(self.ids), ids=list(self.ids))
-
-    def abort(self, error: ServiceError) -> NoReturn:
-        """Re-raises ``error`` after making what was written durable, saying how much that was."""
-        self._sync()
-        if self.ids:
-            raise type(error)(f"{error.message} ({len(self.ids)} points of the earlier messages were written; "
-                              "re-sending them is harmless)") from error
-        raise error
+                self.core.store.sync(meta.name)
+        if self.core.metrics is not None:
+            self.core.metrics.upserted.labels(meta.name).inc(len(distinct))
+        return len(distinct)

@@ -52,7 +52,7 @@ def to_query(msg: search_pb2.SearchRequest) -> Query:
     return Query(vector=np.asarray(msg.vector, dtype=np.float32), limit=msg.limit,
                  filter=to_filter(msg.filter) if msg.HasField("filter") else None,
                  exclude_ids=tuple(msg.exclude_ids), exact=msg.exact, with_payload=msg.with_payload,
-                 with_vector=msg.with_vector)
+                 with_vector=msg.with_vector, point_id=msg.query_point_id)
 
 
 def hits_msg(hits: list[Hit]) -> search_pb2.SearchResponse:
@@ -110,15 +110,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return search_pb2.ListAliasesResponse(aliases=[search_pb2.Alias(alias=a, collection=c) for a, c in aliases])
 
     def Upsert(self, request_iterator: Iterator[search_pb2.UpsertRequest],
-               context: grpc.ServicerContext) -> search_pb2.UpsertResponse:
+               context: grpc.ServicerContext) -> Iterator[search_pb2.UpsertResponse]:
         session = self.core.upsert_session()
-        try:
-            for request in request_iterator:
-                session.add(request.collection, [to_point(p) for p in request.points], request.ByteSize())
-        except ServiceError as exc:
-            session.abort(exc)
-        result = session.finish()
-        return search_pb2.UpsertResponse(upserted=result.upserted, ids=result.ids)
+        for sequence, request in enumerate(request_iterator):
+            upserted = session.add(request.collection, [to_point(p) for p in request.points], request.ByteSize())
+            yield search_pb2.UpsertResponse(upserted=upserted, sequence=sequence)
 
     def Delete(self, request: search_pb2.DeleteRequest, context: grpc.ServicerContext) -> search_pb2.DeleteResponse:
         return search_pb2.DeleteResponse(deleted=self.core.delete(request.collection, list(request.ids)))

@@ -10,7 +10,6 @@ reaches a store, so an engine error is a fault (``Internal``) or an outage (``Un
 from __future__ import annotations
 
 import enum
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,29 +19,10 @@ import numpy as np
 
 from services.common.errors import InvalidArgument
 
-# Fixed forever: changing it changes every point id (and so re-indexing would duplicate points).
-POINT_ID_NAMESPACE = uuid.UUID("6f1c2a56-3d3e-5b8e-9a51-1c8d3c0e7a21")
-
-_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def point_id(dataset: str, path: str) -> str:
-    """The id of the point for image ``path`` of ``dataset``: UUIDv5 of ``dataset + NUL + path``.
-
-    Deterministic, so re-sending an upsert overwrites the same points (idempotent ingest). NUL
-    cannot occur in a path or (validated) dataset name, so distinct pairs never collide by
-    concatenation. Any client can compute it: ``uuid5(POINT_ID_NAMESPACE, f"{dataset}\\0{path}")``.
-    """
-    return str(uuid.uuid5(POINT_ID_NAMESPACE, f"{dataset}\0{path}"))
-
-
-def collection_name(dataset: str, model: str) -> str:
-    """The conventional collection of ``model``'s vectors of ``dataset``: ``<dataset>__<model>``.
-
-    Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``-`` (model ids such as
-    ``openclip:ViT-B-32/laion2b`` contain ``:`` and ``/``).
-    """
-    return f"{_NAME_CHARS.sub('-', dataset)}__{_NAME_CHARS.sub('-', model)}"
+# Re-exported: ids and collection names are part of the search API (defined in common for clients).
+from services.common.ids import POINT_ID_NAMESPACE as POINT_ID_NAMESPACE
+from services.common.ids import collection_name as collection_name
+from services.common.ids import point_id as point_id
 
 
 class IndexStatus(enum.Enum):
@@ -111,6 +91,8 @@ class Query:
         exclude_ids: ids that must not be among the hits.
         exact: brute force over every point instead of the HNSW index (for evaluation).
         with_payload / with_vector: return the payload / stored (normalised) vector of each hit.
+        point_id: when set (and ``vector`` empty), the core queries with this stored point's own
+            vector and excludes the point; stores always receive a vector.
     """
 
     vector: np.ndarray
@@ -120,6 +102,7 @@ class Query:
     exact: bool = False
     with_payload: bool = True
     with_vector: bool = False
+    point_id: str = ""
 
 
 @dataclass(frozen=True)

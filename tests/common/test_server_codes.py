@@ -52,7 +52,7 @@ def test_malformed_protobuf_and_bad_utf8_are_invalid_argument(
         with pytest.raises(grpc.RpcError) as err:
             list(call)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details().startswith("stream message 1: not a valid retrieval.v1.StreamEmbedImagesRequest")
+        assert err.value.details().startswith("stream message 1 is not a valid retrieval.v1.StreamEmbedImagesRequest")
 
 
 def test_token_is_checked_before_the_request_is_decoded(

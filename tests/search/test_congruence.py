@@ -104,9 +104,9 @@ def test_writes_agree(tmp_path: Path) -> None:
         core = SearchCore(SearchSettings(), make_store(kind, tmp_path / kind))
         core.create_collection(NAME, 8)
         ops: list[Callable[[], object]] = [
-            lambda c=core: c.upsert(NAME, points).upserted,
+            lambda c=core: c.upsert(NAME, points),
             lambda c=core: c.delete(NAME, [p.id for p in c.scroll(NAME, limit=30)[0]]),
-            lambda c=core: c.upsert(NAME, points[:50]).upserted,  # overwrites some, re-adds some
+            lambda c=core: c.upsert(NAME, points[:50]),  # overwrites some, re-adds some
             lambda c=core: c.count(NAME),
             lambda c=core: [h.id for h in c.search(NAME, Query(vectors[0], 20, exact=True))],
         ]

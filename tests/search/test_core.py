@@ -137,11 +137,25 @@ def test_upsert_is_idempotent_and_delete_counts(core: SearchCore, prefix: str) -
     name = f"{prefix}__m"
     vectors, labels = _loaded(core, name)
     points = make_points(vectors[:10], labels[:10])
-    again = core.upsert(name, points)
-    assert again.ids == [point_id("ds", p.payload.path) for p in points]
+    assert core.upsert(name, points) == 10
     assert core.count(name) == len(vectors)
-    assert core.delete(name, [*again.ids[:3], point_id("ds", "never.jpg")]) == 3
+    ids = [point_id("ds", p.payload.path) for p in points]
+    assert core.delete(name, [*ids[:3], point_id("ds", "never.jpg")]) == 3
     assert core.count(name) == len(vectors) - 3
+
+
+def test_a_point_sent_twice_in_one_message_counts_once(core: SearchCore, prefix: str) -> None:
+    """Issue 9, defect 13: ``upserted`` counted duplicate ids."""
+    name = f"{prefix}__m"
+    core.create_collection(name, DIM)
+    vectors, labels = clustered(5, DIM)
+    points = make_points(vectors, labels)
+    moved = Point("", vectors[0] * -1, points[0].payload)  # same id as points[0], another vector
+    assert core.upsert(name, [*points, points[1], moved]) == 5
+    assert core.count(name) == 5
+    # The last copy of a point wins, as it would in the engine.
+    [stored] = core.store.retrieve(name, [point_id("ds", points[0].payload.path)], with_vector=True)
+    assert np.allclose(stored.vector, -vectors[0] / np.linalg.norm(vectors[0]), atol=1e-5)
 
 
 def test_bad_points_and_queries_are_precise(core: SearchCore, prefix: str) -> None:
@@ -191,21 +205,17 @@ def test_bad_points_and_queries_are_precise(core: SearchCore, prefix: str) -> No
         core.search_batch([(name, Query(good, 1)), (name, Query(np.ones(2, np.float32), 1))])
 
 
-def test_upsert_stream_keeps_earlier_messages_and_says_so(core: SearchCore, prefix: str) -> None:
+def test_upsert_stream_acknowledges_each_message(core: SearchCore, prefix: str) -> None:
     name = f"{prefix}__m"
     core.create_collection(name, DIM)
     vectors, labels = clustered(30, DIM)
     points = make_points(vectors, labels)
     session = core.upsert_session()
-    session.add(name, points[:10])
-    session.add("", points[10:20])
+    assert session.add(name, points[:10]) == 10
+    assert session.add("", points[10:20]) == 10
     with pytest.raises(InvalidArgument) as err:
-        try:
-            session.add(name, [*points[20:25], Point("", np.ones(3, np.float32), Payload("ds", "bad.jpg"))])
-        except InvalidArgument as exc:
-            session.abort(exc)
+        session.add(name, [*points[20:25], Point("", np.ones(3, np.float32), Payload("ds", "bad.jpg"))])
     assert err.value.message.startswith("upsert message 2, point 5 of 6: vector has 3 values")
-    assert err.value.message.endswith("(20 points of the earlier messages were written; re-sending them is harmless)")
     assert core.count(name) == 20
     with pytest.raises(InvalidArgument, match="names collection 'other', but the stream began with"):
         session.add("other", points[25:])

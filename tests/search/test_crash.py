@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +15,7 @@ import grpc
 import pytest
 from retrieval.v1 import search_pb2, search_pb2_grpc
 
-from services.common.client import channel, wait_serving
-from services.search.client import point_message
+from services.common.clients import channel, point_message, wait_serving
 from services.search.store import point_id
 from tests.conftest import REPO
 from tests.search.conftest import clustered
@@ -51,16 +49,19 @@ def _all_ids(stub: search_pb2_grpc.SearchServiceStub, collection: str) -> set[st
         offset = page.next_offset
 
 
-def _stream(batch: int, pause: tuple[threading.Event, threading.Event] | None = None,
-            ) -> Iterator[search_pb2.UpsertRequest]:
-    """Two messages of 25 points each for ``batch``; with ``pause`` (sent, resume) it stops between them."""
+def _batch(batch: int) -> list[search_pb2.Point]:
     vectors, labels = clustered(BATCH, DIM, seed=1000 + batch)
-    points = [point_message(v, f"s{batch}", f"c{c}/{i}.jpg", [f"c{c}"]) for i, (v, c) in
-              enumerate(zip(vectors, labels, strict=True))]
+    return [point_message(v, f"s{batch}", f"c{c}/{i}.jpg", [f"c{c}"]) for i, (v, c) in
+            enumerate(zip(vectors, labels, strict=True))]
+
+
+def _stream(points: list[search_pb2.Point], pause: tuple[threading.Event, threading.Event] | None = None,
+            ) -> Iterator[search_pb2.UpsertRequest]:
+    """Two messages of 25 points each; with ``pause`` (acknowledged, resume) it waits between them."""
     yield search_pb2.UpsertRequest(collection="crash", points=points[:25])
     if pause is not None:
-        sent, resume = pause
-        sent.set()
+        acknowledged, resume = pause
+        acknowledged.wait(30)
         resume.wait(30)
     yield search_pb2.UpsertRequest(points=points[25:])
 
@@ -82,16 +83,22 @@ def test_service_killed_mid_stream_keeps_every_acknowledged_point(tmp_path: Path
             def write() -> None:
                 for batch in range(41):
                     # Streams back to back; the last one stops after its first message until the kill.
+                    points = _batch(batch)
+                    first_acked = threading.Event()
+                    stream = stub.Upsert(_stream(points, (first_acked, killed) if batch == 40 else None), timeout=60)
                     try:
-                        response = stub.Upsert(_stream(batch, (sent, killed) if batch == 40 else None), timeout=60)
+                        for ack in stream:  # one per message: its points are durable
+                            acked.extend(point_id(f"s{batch}", p.payload.path)
+                                         for p in points[25 * ack.sequence: 25 * (ack.sequence + 1)])
+                            if batch == 40:
+                                first_acked.set()
+                                sent.set()
                     except grpc.RpcError:
-                        return  # the server is gone: this stream was never acknowledged
-                    acked.extend(response.ids)
+                        return  # the server is gone: what it acknowledged is in ``acked``
 
             writer = threading.Thread(target=write)
             writer.start()
             assert sent.wait(120), "the writer did not reach its last stream"
-            time.sleep(0.3)  # let the server take the first message of the cut stream
             server.send_signal(signal.SIGKILL)
             server.wait(30)
             killed.set()
@@ -101,7 +108,7 @@ def test_service_killed_mid_stream_keeps_every_acknowledged_point(tmp_path: Path
         if server.poll() is None:
             server.kill()
             server.wait()
-    assert len(acked) == 40 * BATCH
+    assert len(acked) == 40 * BATCH + 25  # the cut stream's first message was acknowledged too
 
     restarted = _serve(data_dir, port, *flags)
     try:
@@ -112,8 +119,8 @@ def test_service_killed_mid_stream_keeps_every_acknowledged_point(tmp_path: Path
             count = stub.Count(search_pb2.CountRequest(collection="crash")).count
             missing = set(acked) - present
             assert not missing, f"{len(missing)} of {len(acked)} acknowledged points are missing"
-            # Points of the stream that was cut may or may not have landed; nothing else may appear.
-            assert len(acked) <= count == len(present) <= len(acked) + BATCH
+            # Nothing that was not sent may appear.
+            assert len(acked) == count == len(present)
             # The vectors are intact, not only the ids.
             vectors, labels = clustered(BATCH, DIM, seed=1000 + 3)
             hit = stub.Search(search_pb2.SearchRequest(collection="crash", vector=vectors[7].tolist(), limit=1,

@@ -14,9 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from retrieval.v1 import search_pb2, search_pb2_grpc
 
-from services.common.client import channel, wait_serving
+from services.common.clients import channel, point_message, upsert_messages, wait_serving
 from services.common.server import RunningServer
-from services.search.client import point_message, upsert_messages
 from services.search.config import SearchSettings
 from services.search.core import SearchCore
 from services.search.qdrant_store import QdrantStore
@@ -56,8 +55,8 @@ def _points(n: int, seed: int = 0, dataset: str = "ds") -> tuple[np.ndarray, lis
 def _create(stub: Stub, name: str, n: int = 100) -> np.ndarray:
     stub.CreateCollection(search_pb2.CreateCollectionRequest(name=name, dim=DIM, model="m", dataset="ds"))
     vectors, points = _points(n)
-    response = stub.Upsert(upsert_messages(name, points, max_points=40))
-    assert response.upserted == n
+    acks = list(stub.Upsert(upsert_messages(name, points, max_points=40)))
+    assert [a.sequence for a in acks] == list(range(len(acks))) and sum(a.upserted for a in acks) == n
     return vectors
 
 
@@ -115,24 +114,30 @@ def test_upsert_errors_have_precise_codes(server: tuple[RunningServer, SearchCor
     _create(stub, "e1", 10)
     _, points = _points(80, seed=1, dataset="other")  # ids distinct from _create's
     big = search_pb2.UpsertRequest(collection="e1", points=points[:60])  # ~6 KiB: within the limits
-    code, details = _code(lambda: stub.Upsert(iter([search_pb2.UpsertRequest(collection="e1", points=points[:65])])))
+    too_many = search_pb2.UpsertRequest(collection="e1", points=points[:65])
+    code, details = _code(lambda: list(stub.Upsert(iter([too_many]))))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "65 points; at most 64" in details
     heavy = [point_message(np.ones(DIM), "ds", "x" * 400 + str(i)) for i in range(40)]
-    code, details = _code(lambda: stub.Upsert(iter([big, search_pb2.UpsertRequest(points=heavy)])))
+    # The first message is acknowledged (and durable) before the second one ends the stream.
+    stream = stub.Upsert(iter([big, search_pb2.UpsertRequest(points=heavy)]))
+    first = next(stream)
+    assert (first.sequence, first.upserted) == (0, 60)
+    code, details = _code(lambda: next(stream))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details.startswith("upsert message 1: ") and "at most 16384 bytes per message" in details
-    assert "(60 points of the earlier messages were written; re-sending them is harmless)" in details
     assert stub.Count(search_pb2.CountRequest(collection="e1")).count == 70
 
     wrong = search_pb2.UpsertRequest(collection="e1", points=[point_message(np.ones(8), "ds", "w.jpg")])
-    code, details = _code(lambda: stub.Upsert(iter([wrong])))
+    code, details = _code(lambda: list(stub.Upsert(iter([wrong]))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details == f"upsert message 0, point 0 of 1: vector has 8 values, collection 'e1' has dim {DIM}"
     nan = search_pb2.UpsertRequest(collection="e1", points=[point_message(np.full(DIM, np.nan), "ds", "n.jpg")])
-    assert "non-finite value (nan) at index 0" in _code(lambda: stub.Upsert(iter([nan])))[1]
+    assert "non-finite value (nan) at index 0" in _code(lambda: list(stub.Upsert(iter([nan]))))[1]
     unknown = search_pb2.UpsertRequest(collection="nope", points=points[:1])
-    assert _code(lambda: stub.Upsert(iter([unknown])))[0] == grpc.StatusCode.NOT_FOUND
-    assert _code(lambda: stub.Upsert(iter([])))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: list(stub.Upsert(iter([unknown]))))[0] == grpc.StatusCode.NOT_FOUND
+    nameless = search_pb2.UpsertRequest(points=points[:1])
+    assert _code(lambda: list(stub.Upsert(iter([nameless]))))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(stub.Upsert(iter([]))) == []  # nothing sent, nothing acknowledged
     code, details = _code(lambda: stub.Search(search_pb2.SearchRequest(
         collection="e1", vector=[1.0] * DIM, limit=3, filter=search_pb2.Filter(labels_any=[""]))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details == "search: filter.labels_any[0] is empty"

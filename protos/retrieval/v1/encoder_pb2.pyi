@@ -288,12 +288,18 @@ class Preprocessing(_message.Message):
     INTERPOLATION_FIELD_NUMBER: _builtins.int
     MEAN_FIELD_NUMBER: _builtins.int
     STD_FIELD_NUMBER: _builtins.int
+    RESIZE_MODE_FIELD_NUMBER: _builtins.int
     resize: _builtins.int
-    """The shorter side is resized to this many pixels (aspect ratio kept)."""
+    """With resize_mode "shortest": the shorter side is resized to this many pixels (aspect ratio kept)."""
     crop: _builtins.int
-    """Then a centred square of this side is cut out."""
+    """The side of the square input: cut out of the centre ("shortest"), or the target size."""
     interpolation: _builtins.str
     """Resampling filter of the resize: "bicubic", "bilinear"."""
+    resize_mode: _builtins.str
+    """How the image reaches the crop (open_clip's resize_mode): "shortest" (resize the shorter side,
+    then centre-crop), "longest" (resize the longer side, pad to a square), "squash" (resize both
+    sides to the crop, ignoring the aspect ratio).
+    """
     @_builtins.property
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Per-channel (R, G, B) normalisation applied to values in [0, 1]."""
@@ -308,10 +314,11 @@ class Preprocessing(_message.Message):
         interpolation: _builtins.str = ...,
         mean: _abc.Iterable[_builtins.float] | None = ...,
         std: _abc.Iterable[_builtins.float] | None = ...,
+        resize_mode: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crop", b"crop", "interpolation", b"interpolation", "mean", b"mean", "resize", b"resize", "std", b"std"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crop", b"crop", "interpolation", b"interpolation", "mean", b"mean", "resize", b"resize", "resize_mode", b"resize_mode", "std", b"std"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

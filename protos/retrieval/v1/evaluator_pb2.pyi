@@ -74,15 +74,23 @@ class RunSpec(_message.Message):
     CATALOGUE_FIELD_NUMBER: _builtins.int
     QUERIES_FIELD_NUMBER: _builtins.int
     KS_FIELD_NUMBER: _builtins.int
-    OUTPUT_DIR_FIELD_NUMBER: _builtins.int
+    DATASET_NAME_FIELD_NUMBER: _builtins.int
+    TSNE_FIELD_NUMBER: _builtins.int
+    RUN_NAME_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     """Dataset root (under an allowed root) or a list_of_images.txt file."""
     protocol: Global___Protocol.ValueType
     catalogue: _builtins.str
     """For PROTOCOL_CATALOGUE_QUERY: list files (or folders) of the catalogue and the queries."""
     queries: _builtins.str
-    output_dir: _builtins.str
-    """Directory where the JSON/Markdown/HTML reports go."""
+    dataset_name: _builtins.str
+    """Display name of the dataset in reports (empty: the dataset folder's name)."""
+    tsne: _builtins.bool
+    """Draw the t-SNE map of the embeddings (seconds to a minute per model on a CPU); unset: true."""
+    run_name: _builtins.str
+    """The run's report folder under the server's report directory: 1 to 64 letters, digits, '.', '_'
+    or '-' (empty: the report directory itself, where the comparison table gathers every run).
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Encoder model ids to compare."""
@@ -100,13 +108,17 @@ class RunSpec(_message.Message):
         catalogue: _builtins.str = ...,
         queries: _builtins.str = ...,
         ks: _abc.Iterable[_builtins.int] | None = ...,
-        output_dir: _builtins.str = ...,
+        dataset_name: _builtins.str = ...,
+        tsne: _builtins.bool | None = ...,
+        run_name: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tsne", b"_tsne", "tsne", b"tsne"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalogue", b"catalogue", "dataset", b"dataset", "ks", b"ks", "models", b"models", "output_dir", b"output_dir", "protocol", b"protocol", "queries", b"queries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tsne", b"_tsne", "catalogue", b"catalogue", "dataset", b"dataset", "dataset_name", b"dataset_name", "ks", b"ks", "models", b"models", "protocol", b"protocol", "queries", b"queries", "run_name", b"run_name", "tsne", b"tsne"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__tsne: _TypeAlias = _typing.Literal["tsne"]  # noqa: Y015
+    _WhichOneofArgType__tsne: _TypeAlias = _typing.Literal["_tsne", b"_tsne"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tsne) -> _WhichOneofReturnType__tsne | None: ...
 
 Global___RunSpec: _TypeAlias = RunSpec  # noqa: Y015
 
@@ -334,12 +346,21 @@ Global___GetRunResponse: _TypeAlias = GetRunResponse  # noqa: Y015
 class ListRunsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Runs per page, newest first (0: 100; at most 1000)."""
+    page_token: _builtins.str
+    """The previous response's next_page_token; empty for the first page."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,16 +371,20 @@ class ListRunsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUNS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty when there is no more. The server keeps a bounded history (EVALUATOR_MAX_RUNS_KEPT)."""
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Run]: ...
     def __init__(
         self,
         *,
         runs: _abc.Iterable[Global___Run] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "runs", b"runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

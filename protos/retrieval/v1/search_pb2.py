@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19retrieval/v1/search.proto\x12\x0cretrieval.v1\"8\n\x07Payload\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\"K\n\x05Point\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12&\n\x07payload\x18\x03 \x01(\x0b\x32\x15.retrieval.v1.Payload\"B\n\x06\x46ilter\x12\x12\n\nlabels_any\x18\x01 \x03(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x13\n\x0bpath_prefix\x18\x03 \x01(\t\"\x9d\x01\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x14\n\x0cpoints_count\x18\x05 \x01(\x04\x12)\n\x06status\x18\x06 \x01(\x0e\x32\x19.retrieval.v1.IndexStatus\x12\x0f\n\x07\x61liases\x18\x07 \x03(\t\"f\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x10\n\x08\x65xist_ok\x18\x05 \x01(\x08\"L\n\x18\x43reateCollectionResponse\x12\x30\n\ncollection\x18\x01 \x01(\x0b\x32\x1c.retrieval.v1.CollectionInfo\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse\"\x18\n\x16ListCollectionsRequest\"L\n\x17ListCollectionsResponse\x12\x31\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1c.retrieval.v1.CollectionInfo\"$\n\x14GetCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"I\n\x15GetCollectionResponse\x12\x30\n\ncollection\x18\x01 \x01(\x0b\x32\x1c.retrieval.v1.CollectionInfo\"4\n\x0fSetAliasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"\x12\n\x10SetAliasResponse\"#\n\x12\x44\x65leteAliasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteAliasResponse\"*\n\x05\x41lias\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"\x14\n\x12ListAliasesRequest\";\n\x13ListAliasesResponse\x12$\n\x07\x61liases\x18\x01 \x03(\x0b\x32\x13.retrieval.v1.Alias\"H\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12#\n\x06points\x18\x02 \x03(\x0b\x32\x13.retrieval.v1.Point\"/\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\t\"0\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"\xb7\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\r\n\x05limit\x18\x03 \x01(\r\x12$\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x14.retrieval.v1.Filter\x12\x13\n\x0b\x65xclude_ids\x18\x05 \x03(\t\x12\r\n\x05\x65xact\x18\x06 \x01(\x08\x12\x14\n\x0cwith_payload\x18\x07 \x01(\x08\x12\x13\n\x0bwith_vector\x18\x08 \x01(\x08\"`\n\x0bScoredPoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12&\n\x07payload\x18\x03 \x01(\x0b\x32\x15.retrieval.v1.Payload\x12\x0e\n\x06vector\x18\x04 \x03(\x02\"9\n\x0eSearchResponse\x12\'\n\x04hits\x18\x01 \x03(\x0b\x32\x19.retrieval.v1.ScoredPoint\"B\n\x12SearchBatchRequest\x12,\n\x07queries\x18\x01 \x03(\x0b\x32\x1b.retrieval.v1.SearchRequest\"D\n\x13SearchBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.retrieval.v1.SearchResponse\"\xb7\x01\n\x11SearchByIdRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\x12$\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x14.retrieval.v1.Filter\x12\x13\n\x0b\x65xclude_ids\x18\x05 \x03(\t\x12\r\n\x05\x65xact\x18\x06 \x01(\x08\x12\x14\n\x0cwith_payload\x18\x07 \x01(\x08\x12\x13\n\x0bwith_vector\x18\x08 \x01(\x08\"H\n\x0c\x43ountRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12$\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x14.retrieval.v1.Filter\"\x1e\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\"}\n\rScrollRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12$\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x14.retrieval.v1.Filter\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\t\x12\x13\n\x0bwith_vector\x18\x05 \x01(\x08\"J\n\x0eScrollResponse\x12#\n\x06points\x18\x01 \x03(\x0b\x32\x13.retrieval.v1.Point\x12\x13\n\x0bnext_offset\x18\x02 \x01(\t*r\n\x0bIndexStatus\x12\x1c\n\x18INDEX_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12INDEX_STATUS_GREEN\x10\x01\x12\x17\n\x13INDEX_STATUS_YELLOW\x10\x02\x12\x14\n\x10INDEX_STATUS_RED\x10\x03\x32\xfb\x08\n\rSearchService\x12\x61\n\x10\x43reateCollection\x12%.retrieval.v1.CreateCollectionRequest\x1a&.retrieval.v1.CreateCollectionResponse\x12\x61\n\x10\x44\x65leteCollection\x12%.retrieval.v1.DeleteCollectionRequest\x1a&.retrieval.v1.DeleteCollectionResponse\x12^\n\x0fListCollections\x12$.retrieval.v1.ListCollectionsRequest\x1a%.retrieval.v1.ListCollectionsResponse\x12X\n\rGetCollection\x12\".retrieval.v1.GetCollectionRequest\x1a#.retrieval.v1.GetCollectionResponse\x12I\n\x08SetAlias\x12\x1d.retrieval.v1.SetAliasRequest\x1a\x1e.retrieval.v1.SetAliasResponse\x12R\n\x0b\x44\x65leteAlias\x12 .retrieval.v1.DeleteAliasRequest\x1a!.retrieval.v1.DeleteAliasResponse\x12R\n\x0bListAliases\x12 .retrieval.v1.ListAliasesRequest\x1a!.retrieval.v1.ListAliasesResponse\x12\x45\n\x06Upsert\x12\x1b.retrieval.v1.UpsertRequest\x1a\x1c.retrieval.v1.UpsertResponse(\x01\x12\x43\n\x06\x44\x65lete\x12\x1b.retrieval.v1.DeleteRequest\x1a\x1c.retrieval.v1.DeleteResponse\x12\x43\n\x06Search\x12\x1b.retrieval.v1.SearchRequest\x1a\x1c.retrieval.v1.SearchResponse\x12R\n\x0bSearchBatch\x12 .retrieval.v1.SearchBatchRequest\x1a!.retrieval.v1.SearchBatchResponse\x12K\n\nSearchById\x12\x1f.retrieval.v1.SearchByIdRequest\x1a\x1c.retrieval.v1.SearchResponse\x12@\n\x05\x43ount\x12\x1a.retrieval.v1.CountRequest\x1a\x1b.retrieval.v1.CountResponse\x12\x43\n\x06Scroll\x12\x1b.retrieval.v1.ScrollRequest\x1a\x1c.retrieval.v1.ScrollResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19retrieval/v1/search.proto\x12\x0cretrieval.v1\"8\n\x07Payload\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\"K\n\x05Point\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12&\n\x07payload\x18\x03 \x01(\x0b\x32\x15.retrieval.v1.Payload\"B\n\x06\x46ilter\x12\x12\n\nlabels_any\x18\x01 \x03(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x13\n\x0bpath_prefix\x18\x03 \x01(\t\"\x9d\x01\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x14\n\x0cpoints_count\x18\x05 \x01(\x04\x12)\n\x06status\x18\x06 \x01(\x0e\x32\x19.retrieval.v1.IndexStatus\x12\x0f\n\x07\x61liases\x18\x07 \x03(\t\"f\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x10\n\x08\x65xist_ok\x18\x05 \x01(\x08\"L\n\x18\x43reateCollectionResponse\x12\x30\n\ncollection\x18\x01 \x01(\x0b\x32\x1c.retrieval.v1.CollectionInfo\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse\"\x18\n\x16ListCollectionsRequest\"L\n\x17ListCollectionsResponse\x12\x31\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1c.retrieval.v1.CollectionInfo\"$\n\x14GetCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"I\n\x15GetCollectionResponse\x12\x30\n\ncollection\x18\x01 \x01(\x0b\x32\x1c.retrieval.v1.CollectionInfo\"4\n\x0fSetAliasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"\x12\n\x10SetAliasResponse\"#\n\x12\x44\x65leteAliasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteAliasResponse\"*\n\x05\x41lias\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"\x14\n\x12ListAliasesRequest\";\n\x13ListAliasesResponse\x12$\n\x07\x61liases\x18\x01 \x03(\x0b\x32\x13.retrieval.v1.Alias\"H\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12#\n\x06points\x18\x02 \x03(\x0b\x32\x13.retrieval.v1.Point\"?\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04J\x04\x08\x02\x10\x03R\x03ids\"0\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"\xcf\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\r\n\x05limit\x18\x03 \x01(\r\x12$\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x14.retrieval.v1.Filter\x12\x13\n\x0b\x65xclude_ids\x18\x05 \x03(\t\x12\r\n\x05\x65xact\x18\x06 \x01(\x08\x12\x14\n\x0cwith_payload\x18\x07 \x01(\x08\x12\x13\n\x0bwith_vector\x18\x08 \x01(\x08\x12\x16\n\x0equery_point_id\x18\t \x01(\t\"`\n\x0bScoredPoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12&\n\x07payload\x18\x03 \x01(\x0b\x32\x15.retrieval.v1.Payload\x12\x0e\n\x06vector\x18\x04 \x03(\x02\"9\n\x0eSearchResponse\x12\'\n\x04hits\x18\x01 \x03(\x0b\x32\x19.retrieval.v1.ScoredPoint\"B\n\x12SearchBatchRequest\x12,\n\x07queries\x18\x01 \x03(\x0b\x32\x1b.retrieval.v1.SearchRequest\"D\n\x13SearchBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.retrieval.v1.SearchResponse\"\xb7\x01\n\x11SearchByIdRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\x12$\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x14.retrieval.v1.Filter\x12\x13\n\x0b\x65xclude_ids\x18\x05 \x03(\t\x12\r\n\x05\x65xact\x18\x06 \x01(\x08\x12\x14\n\x0cwith_payload\x18\x07 \x01(\x08\x12\x13\n\x0bwith_vector\x18\x08 \x01(\x08\"H\n\x0c\x43ountRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12$\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x14.retrieval.v1.Filter\"\x1e\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\"}\n\rScrollRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12$\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x14.retrieval.v1.Filter\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\t\x12\x13\n\x0bwith_vector\x18\x05 \x01(\x08\"J\n\x0eScrollResponse\x12#\n\x06points\x18\x01 \x03(\x0b\x32\x13.retrieval.v1.Point\x12\x13\n\x0bnext_offset\x18\x02 \x01(\t*r\n\x0bIndexStatus\x12\x1c\n\x18INDEX_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12INDEX_STATUS_GREEN\x10\x01\x12\x17\n\x13INDEX_STATUS_YELLOW\x10\x02\x12\x14\n\x10INDEX_STATUS_RED\x10\x03\x32\xfd\x08\n\rSearchService\x12\x61\n\x10\x43reateCollection\x12%.retrieval.v1.CreateCollectionRequest\x1a&.retrieval.v1.CreateCollectionResponse\x12\x61\n\x10\x44\x65leteCollection\x12%.retrieval.v1.DeleteCollectionRequest\x1a&.retrieval.v1.DeleteCollectionResponse\x12^\n\x0fListCollections\x12$.retrieval.v1.ListCollectionsRequest\x1a%.retrieval.v1.ListCollectionsResponse\x12X\n\rGetCollection\x12\".retrieval.v1.GetCollectionRequest\x1a#.retrieval.v1.GetCollectionResponse\x12I\n\x08SetAlias\x12\x1d.retrieval.v1.SetAliasRequest\x1a\x1e.retrieval.v1.SetAliasResponse\x12R\n\x0b\x44\x65leteAlias\x12 .retrieval.v1.DeleteAliasRequest\x1a!.retrieval.v1.DeleteAliasResponse\x12R\n\x0bListAliases\x12 .retrieval.v1.ListAliasesRequest\x1a!.retrieval.v1.ListAliasesResponse\x12G\n\x06Upsert\x12\x1b.retrieval.v1.UpsertRequest\x1a\x1c.retrieval.v1.UpsertResponse(\x01\x30\x01\x12\x43\n\x06\x44\x65lete\x12\x1b.retrieval.v1.DeleteRequest\x1a\x1c.retrieval.v1.DeleteResponse\x12\x43\n\x06Search\x12\x1b.retrieval.v1.SearchRequest\x1a\x1c.retrieval.v1.SearchResponse\x12R\n\x0bSearchBatch\x12 .retrieval.v1.SearchBatchRequest\x1a!.retrieval.v1.SearchBatchResponse\x12K\n\nSearchById\x12\x1f.retrieval.v1.SearchByIdRequest\x1a\x1c.retrieval.v1.SearchResponse\x12@\n\x05\x43ount\x12\x1a.retrieval.v1.CountRequest\x1a\x1b.retrieval.v1.CountResponse\x12\x43\n\x06Scroll\x12\x1b.retrieval.v1.ScrollRequest\x1a\x1c.retrieval.v1.ScrollResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'retrieval.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INDEXSTATUS']._serialized_start=2319
-  _globals['_INDEXSTATUS']._serialized_end=2433
+  _globals['_INDEXSTATUS']._serialized_start=2359
+  _globals['_INDEXSTATUS']._serialized_end=2473
   _globals['_PAYLOAD']._serialized_start=43
   _globals['_PAYLOAD']._serialized_end=99
   _globals['_POINT']._serialized_start=101
@@ -74,31 +74,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPSERTREQUEST']._serialized_start=1135
   _globals['_UPSERTREQUEST']._serialized_end=1207
   _globals['_UPSERTRESPONSE']._serialized_start=1209
-  _globals['_UPSERTRESPONSE']._serialized_end=1256
-  _globals['_DELETEREQUEST']._serialized_start=1258
-  _globals['_DELETEREQUEST']._serialized_end=1306
-  _globals['_DELETERESPONSE']._serialized_start=1308
-  _globals['_DELETERESPONSE']._serialized_end=1341
-  _globals['_SEARCHREQUEST']._serialized_start=1344
-  _globals['_SEARCHREQUEST']._serialized_end=1527
-  _globals['_SCOREDPOINT']._serialized_start=1529
-  _globals['_SCOREDPOINT']._serialized_end=1625
-  _globals['_SEARCHRESPONSE']._serialized_start=1627
-  _globals['_SEARCHRESPONSE']._serialized_end=1684
-  _globals['_SEARCHBATCHREQUEST']._serialized_start=1686
-  _globals['_SEARCHBATCHREQUEST']._serialized_end=1752
-  _globals['_SEARCHBATCHRESPONSE']._serialized_start=1754
-  _globals['_SEARCHBATCHRESPONSE']._serialized_end=1822
-  _globals['_SEARCHBYIDREQUEST']._serialized_start=1825
-  _globals['_SEARCHBYIDREQUEST']._serialized_end=2008
-  _globals['_COUNTREQUEST']._serialized_start=2010
-  _globals['_COUNTREQUEST']._serialized_end=2082
-  _globals['_COUNTRESPONSE']._serialized_start=2084
-  _globals['_COUNTRESPONSE']._serialized_end=2114
-  _globals['_SCROLLREQUEST']._serialized_start=2116
-  _globals['_SCROLLREQUEST']._serialized_end=2241
-  _globals['_SCROLLRESPONSE']._serialized_start=2243
-  _globals['_SCROLLRESPONSE']._serialized_end=2317
-  _globals['_SEARCHSERVICE']._serialized_start=2436
-  _globals['_SEARCHSERVICE']._serialized_end=3583
+  _globals['_UPSERTRESPONSE']._serialized_end=1272
+  _globals['_DELETEREQUEST']._serialized_start=1274
+  _globals['_DELETEREQUEST']._serialized_end=1322
+  _globals['_DELETERESPONSE']._serialized_start=1324
+  _globals['_DELETERESPONSE']._serialized_end=1357
+  _globals['_SEARCHREQUEST']._serialized_start=1360
+  _globals['_SEARCHREQUEST']._serialized_end=1567
+  _globals['_SCOREDPOINT']._serialized_start=1569
+  _globals['_SCOREDPOINT']._serialized_end=1665
+  _globals['_SEARCHRESPONSE']._serialized_start=1667
+  _globals['_SEARCHRESPONSE']._serialized_end=1724
+  _globals['_SEARCHBATCHREQUEST']._serialized_start=1726
+  _globals['_SEARCHBATCHREQUEST']._serialized_end=1792
+  _globals['_SEARCHBATCHRESPONSE']._serialized_start=1794
+  _globals['_SEARCHBATCHRESPONSE']._serialized_end=1862
+  _globals['_SEARCHBYIDREQUEST']._serialized_start=1865
+  _globals['_SEARCHBYIDREQUEST']._serialized_end=2048
+  _globals['_COUNTREQUEST']._serialized_start=2050
+  _globals['_COUNTREQUEST']._serialized_end=2122
+  _globals['_COUNTRESPONSE']._serialized_start=2124
+  _globals['_COUNTRESPONSE']._serialized_end=2154
+  _globals['_SCROLLREQUEST']._serialized_start=2156
+  _globals['_SCROLLREQUEST']._serialized_end=2281
+  _globals['_SCROLLRESPONSE']._serialized_start=2283
+  _globals['_SCROLLRESPONSE']._serialized_end=2357
+  _globals['_SEARCHSERVICE']._serialized_start=2476
+  _globals['_SEARCHSERVICE']._serialized_end=3625
 # @@protoc_insertion_point(module_scope)

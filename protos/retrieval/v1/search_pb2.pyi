@@ -489,25 +489,25 @@ Global___UpsertRequest: _TypeAlias = UpsertRequest  # noqa: Y015
 
 @_typing.final
 class UpsertResponse(_message.Message):
+    """The acknowledgement of one UpsertRequest message."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     UPSERTED_FIELD_NUMBER: _builtins.int
-    IDS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     upserted: _builtins.int
-    """Points acknowledged (written to the engine's write-ahead log)."""
-    @_builtins.property
-    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids of the points, in the order received."""
-
+    """Distinct points of that message written (a point sent twice in it counts once)."""
+    sequence: _builtins.int
+    """Zero-based position of the acknowledged message in this stream."""
     def __init__(
         self,
         *,
         upserted: _builtins.int = ...,
-        ids: _abc.Iterable[_builtins.str] | None = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "upserted", b"upserted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence", "upserted", b"upserted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -567,6 +567,7 @@ class SearchRequest(_message.Message):
     EXACT_FIELD_NUMBER: _builtins.int
     WITH_PAYLOAD_FIELD_NUMBER: _builtins.int
     WITH_VECTOR_FIELD_NUMBER: _builtins.int
+    QUERY_POINT_ID_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     limit: _builtins.int
     """Number of hits (k)."""
@@ -574,6 +575,10 @@ class SearchRequest(_message.Message):
     """Exact (brute-force) search instead of the HNSW index: for evaluation."""
     with_payload: _builtins.bool
     with_vector: _builtins.bool
+    query_point_id: _builtins.str
+    """Instead of `vector`: query with this stored point's own vector (leave-one-out in batches); the
+    point itself is never among the hits.
+    """
     @_builtins.property
     def vector(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -591,10 +596,11 @@ class SearchRequest(_message.Message):
         exact: _builtins.bool = ...,
         with_payload: _builtins.bool = ...,
         with_vector: _builtins.bool = ...,
+        query_point_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "exact", b"exact", "exclude_ids", b"exclude_ids", "filter", b"filter", "limit", b"limit", "vector", b"vector", "with_payload", b"with_payload", "with_vector", b"with_vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "exact", b"exact", "exclude_ids", b"exclude_ids", "filter", b"filter", "limit", b"limit", "query_point_id", b"query_point_id", "vector", b"vector", "with_payload", b"with_payload", "with_vector", b"with_vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -658,7 +664,9 @@ class SearchBatchRequest(_message.Message):
     QUERIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchRequest]:
-        """Each query names its collection; they are answered in one engine call where possible."""
+        """Each query names its collection; they are answered in one engine call where possible. The sum
+        of the queries' limits is capped (SEARCH_MAX_BATCH_HITS) before any work starts.
+        """
 
     def __init__(
         self,

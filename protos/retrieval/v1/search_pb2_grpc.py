@@ -69,7 +69,7 @@ class SearchServiceStub:
                 request_serializer=retrieval_dot_v1_dot_search__pb2.ListAliasesRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_search__pb2.ListAliasesResponse.FromString,
                 _registered_method=True)
-        self.Upsert = channel.stream_unary(
+        self.Upsert = channel.stream_stream(
                 '/retrieval.v1.SearchService/Upsert',
                 request_serializer=retrieval_dot_v1_dot_search__pb2.UpsertRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_search__pb2.UpsertResponse.FromString,
@@ -153,8 +153,11 @@ class SearchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Upsert(self, request_iterator, context):
-        """Client stream of point batches. Idempotent: a point id is derived from (dataset, path), so a
-        re-sent batch overwrites itself. The response counts what the engine has durably accepted.
+        """Stream of point batches, one acknowledgement per request message, in order: when a message is
+        acknowledged its points are durable (write-ahead log, fsynced with sync_writes). Idempotent: a
+        point id is derived from (dataset, path), so after a broken stream a client re-sends the
+        messages not yet acknowledged. A bad message ends the stream with its error; the messages
+        before it stay written.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,7 +238,7 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     request_deserializer=retrieval_dot_v1_dot_search__pb2.ListAliasesRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_search__pb2.ListAliasesResponse.SerializeToString,
             ),
-            'Upsert': grpc.stream_unary_rpc_method_handler(
+            'Upsert': grpc.stream_stream_rpc_method_handler(
                     servicer.Upsert,
                     request_deserializer=retrieval_dot_v1_dot_search__pb2.UpsertRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_search__pb2.UpsertResponse.SerializeToString,
@@ -481,7 +484,7 @@ class SearchService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/retrieval.v1.SearchService/Upsert',

@@ -39,9 +39,12 @@ class SearchServiceStub:
     """Points an alias at a collection, atomically replacing what it pointed at before."""
     DeleteAlias: _grpc.UnaryUnaryMultiCallable[_search_pb2.DeleteAliasRequest, _search_pb2.DeleteAliasResponse]
     ListAliases: _grpc.UnaryUnaryMultiCallable[_search_pb2.ListAliasesRequest, _search_pb2.ListAliasesResponse]
-    Upsert: _grpc.StreamUnaryMultiCallable[_search_pb2.UpsertRequest, _search_pb2.UpsertResponse]
-    """Client stream of point batches. Idempotent: a point id is derived from (dataset, path), so a
-    re-sent batch overwrites itself. The response counts what the engine has durably accepted.
+    Upsert: _grpc.StreamStreamMultiCallable[_search_pb2.UpsertRequest, _search_pb2.UpsertResponse]
+    """Stream of point batches, one acknowledgement per request message, in order: when a message is
+    acknowledged its points are durable (write-ahead log, fsynced with sync_writes). Idempotent: a
+    point id is derived from (dataset, path), so after a broken stream a client re-sends the
+    messages not yet acknowledged. A bad message ends the stream with its error; the messages
+    before it stay written.
     """
     Delete: _grpc.UnaryUnaryMultiCallable[_search_pb2.DeleteRequest, _search_pb2.DeleteResponse]
     Search: _grpc.UnaryUnaryMultiCallable[_search_pb2.SearchRequest, _search_pb2.SearchResponse]
@@ -62,9 +65,12 @@ class SearchServiceAsyncStub(SearchServiceStub):
     """Points an alias at a collection, atomically replacing what it pointed at before."""
     DeleteAlias: _aio.UnaryUnaryMultiCallable[_search_pb2.DeleteAliasRequest, _search_pb2.DeleteAliasResponse]  # type: ignore[assignment]
     ListAliases: _aio.UnaryUnaryMultiCallable[_search_pb2.ListAliasesRequest, _search_pb2.ListAliasesResponse]  # type: ignore[assignment]
-    Upsert: _aio.StreamUnaryMultiCallable[_search_pb2.UpsertRequest, _search_pb2.UpsertResponse]  # type: ignore[assignment]
-    """Client stream of point batches. Idempotent: a point id is derived from (dataset, path), so a
-    re-sent batch overwrites itself. The response counts what the engine has durably accepted.
+    Upsert: _aio.StreamStreamMultiCallable[_search_pb2.UpsertRequest, _search_pb2.UpsertResponse]  # type: ignore[assignment]
+    """Stream of point batches, one acknowledgement per request message, in order: when a message is
+    acknowledged its points are durable (write-ahead log, fsynced with sync_writes). Idempotent: a
+    point id is derived from (dataset, path), so after a broken stream a client re-sends the
+    messages not yet acknowledged. A bad message ends the stream with its error; the messages
+    before it stay written.
     """
     Delete: _aio.UnaryUnaryMultiCallable[_search_pb2.DeleteRequest, _search_pb2.DeleteResponse]  # type: ignore[assignment]
     Search: _aio.UnaryUnaryMultiCallable[_search_pb2.SearchRequest, _search_pb2.SearchResponse]  # type: ignore[assignment]
@@ -130,9 +136,12 @@ class SearchServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request_iterator: _MaybeAsyncIterator[_search_pb2.UpsertRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_search_pb2.UpsertResponse, _abc.Awaitable[_search_pb2.UpsertResponse]]:
-        """Client stream of point batches. Idempotent: a point id is derived from (dataset, path), so a
-        re-sent batch overwrites itself. The response counts what the engine has durably accepted.
+    ) -> _typing.Union[_abc.Iterator[_search_pb2.UpsertResponse], _abc.AsyncIterator[_search_pb2.UpsertResponse]]:
+        """Stream of point batches, one acknowledgement per request message, in order: when a message is
+        acknowledged its points are durable (write-ahead log, fsynced with sync_writes). Idempotent: a
+        point id is derived from (dataset, path), so after a broken stream a client re-sends the
+        messages not yet acknowledged. A bad message ends the stream with its error; the messages
+        before it stay written.
         """
 
     @_abc_1.abstractmethod

@@ -98,11 +98,19 @@ class DynamicBatcher(Generic[T, R]):
         return futures
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stops taking items; the worker finishes what is queued, then exits."""
+        """Stops taking items; the worker finishes what is queued, then exits. Whatever it could
+        not finish within ``timeout`` seconds fails with Unavailable (no caller waits forever)."""
         with self._lock:
             self._closed = True
         self._queue.put(_STOP)
         self._thread.join(timeout)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(Unavailable("encoder is shutting down"))
 
     def _take_batch(self) -> tuple[list[_Job[T, R]], bool]:
         first = self._queue.get()

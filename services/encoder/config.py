@@ -42,6 +42,11 @@ class EncoderSettings(ServerSettings):
     max_image_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest encoded image, in bytes")
     max_pixels: int = Field(100_000_000, gt=0,
                             description="largest decoded image, width x height (decompression bombs)")
+    max_aspect_ratio: float = Field(
+        50.0, ge=0, description="images whose longer side is more than this many times the shorter are refused "
+                                "(INVALID_ARGUMENT; 0: no limit); the resize work is bounded by the crop either way")
+    max_loaded_models: int = Field(
+        4, gt=0, description="models loaded at once; loading on demand beyond it is RESOURCE_EXHAUSTED")
     decode_workers: int = Field(0, ge=0, description="threads decoding images (0: one per CPU core)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU (0: torch's default)")
     weights_dir: Path | None = Field(

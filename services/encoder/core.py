@@ -22,6 +22,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from services.common.errors import (
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -270,6 +271,11 @@ class EncoderCore:
         with lock:
             if spec.id in self._models:
                 return self._models[spec.id]
+            if len(self._models) >= self.settings.max_loaded_models:
+                raise ResourceExhausted(
+                    f"model {spec.id}: {len(self._models)} models are loaded, the limit is "
+                    f"{self.settings.max_loaded_models} (ENCODER_MAX_LOADED_MODELS); preload the models you need "
+                    "with ENCODER_MODELS")
             start = time.perf_counter()
             log.info("loading %s on %s (%s)", spec.id, self.device, str(self.dtype))
             family = load_family_model(spec, self._load_context)
@@ -322,7 +328,8 @@ class EncoderCore:
     def _decode(self, runtime: ModelRuntime, data: bytes) -> torch.Tensor:
         start = time.perf_counter()
         tensor = images.load_tensor(data, runtime.spec.preprocess, max_bytes=self.settings.max_image_bytes,
-                                    max_pixels=self.settings.max_pixels)
+                                    max_pixels=self.settings.max_pixels,
+                                    max_aspect_ratio=self.settings.max_aspect_ratio)
         self.metrics.duration.labels(runtime.spec.id, "decode").observe(time.perf_counter() - start)
         return tensor
 
@@ -330,7 +337,9 @@ class EncoderCore:
                       deadline: float | None = None) -> list[Future[Outcome]]:
         """Starts embedding ``data``: decode in the pool, then the model's batcher.
 
-        Returns one future per image, resolved with its ``Outcome`` (never an exception).
+        Returns one future per image, resolved with its ``Outcome`` (never an exception). Cancelling
+        a future (its caller went away) stops that item's work wherever it is: it is not decoded if it
+        was still waiting for a decoder, and never reaches the model if it was waiting for a batch.
 
         Raises:
             InvalidArgument: no images.
@@ -352,18 +361,27 @@ class EncoderCore:
             out: Future[Outcome] = Future()
             results.append(out)
 
-            def finish(outcome: Outcome, out: Future[Outcome] = out, index: int = index) -> None:
+            def finish(outcome: Outcome | None, out: Future[Outcome] = out, index: int = index) -> None:
+                """Releases the item's admission; ``None``: it was cancelled before it ran."""
+                runtime.release()
+                gauge.set(runtime.in_progress)
+                if outcome is None:
+                    outcome = Cancelled("cancelled before the model ran it")
+                if out.cancelled() or not out.set_running_or_notify_cancel():  # the caller went away
+                    counter.labels(model, "cancelled").inc()
+                    return
                 if isinstance(outcome, ServiceError):
                     outcome = _with_position(index, count, "image", outcome)
                 counter.labels(model, "error" if isinstance(outcome, ServiceError) else "ok").inc()
-                runtime.release()
-                gauge.set(runtime.in_progress)
-                if out.set_running_or_notify_cancel():  # False: the caller gave up (deadline)
-                    out.set_result(outcome)
+                out.set_result(outcome)
 
-            def decoded(fut: Future[torch.Tensor], finish: Callable[[Outcome], None] = finish) -> None:
+            def decoded(fut: Future[torch.Tensor | None], finish: Callable[[Outcome | None], None] = finish,
+                        out: Future[Outcome] = out) -> None:
                 try:
                     tensor = fut.result()
+                    if tensor is None:
+                        finish(None)
+                        return
                     [queued] = runtime.image_batcher.submit_many([tensor], deadline)
                 except ServiceError as exc:
                     finish(exc)
@@ -372,10 +390,19 @@ class EncoderCore:
                     log.exception("decoding failed")
                     finish(Internal(f"decoding failed: {type(exc).__name__}: {exc}"))
                     return
-                queued.add_done_callback(lambda q: finish(_outcome_of(q)))
+                def leave_queue(o: Future[Outcome], q: Future[Outcome] = queued) -> None:
+                    if o.cancelled():
+                        q.cancel()  # the batcher skips cancelled jobs
 
-            self._decode_pool.submit(self._decode, runtime, item).add_done_callback(decoded)
+                out.add_done_callback(leave_queue)
+                queued.add_done_callback(lambda q: finish(None if q.cancelled() else _outcome_of(q)))
+
+            self._decode_pool.submit(self._decode_unless_cancelled, runtime, item, out).add_done_callback(decoded)
         return results
+
+    def _decode_unless_cancelled(self, runtime: ModelRuntime, data: bytes,
+                                 out: Future[Outcome]) -> torch.Tensor | None:
+        return None if out.cancelled() else self._decode(runtime, data)
 
     def embed_images(self, model_id: str, data: Sequence[bytes],
                      deadline: float | None = None) -> tuple[ModelRuntime, list[Outcome]]:
@@ -453,19 +480,43 @@ def _outcome_of(fut: Future[Outcome]) -> Outcome:
         return Internal(f"{type(exc).__name__}: {exc}")
 
 
-def collect(futures: Sequence[Future[Outcome]], deadline: float | None) -> list[Outcome]:
-    """Waits for every future until ``deadline`` (monotonic seconds); cancels all on expiry.
+def collect(futures: Sequence[Future[Outcome]], deadline: float | None,
+            is_active: Callable[[], bool] | None = None) -> list[Outcome]:
+    """Waits for every future until ``deadline`` (monotonic seconds); cancels all on expiry, or as
+    soon as ``is_active`` (the caller is still there) turns false.
 
     Raises:
         DeadlineExceeded: not all were done in time.
+        Cancelled: some were cancelled (their caller went away).
     """
-    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-    _, pending = wait_futures(futures, timeout=timeout)
+    pending: set[Future[Outcome]] = set(futures)
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        step = left if is_active is None else (_ACTIVE_CHECK if left is None else min(left, _ACTIVE_CHECK))
+        _, pending = wait_futures(pending, timeout=step)
+        if is_active is not None and not is_active():
+            cancel_all(list(pending))
+        # A cancelled future counts as done here: ``wait`` only sees it once its owner notices.
+        pending = {f for f in pending if not f.cancelled()}
+        if pending and deadline is not None and time.monotonic() >= deadline:
+            break
     if pending:
         for fut in pending:
             fut.cancel()
         raise DeadlineExceeded(f"deadline passed with {len(pending)} of {len(futures)} items not done")
+    cancelled = sum(f.cancelled() for f in futures)
+    if cancelled:
+        raise Cancelled(f"{cancelled} of {len(futures)} items were cancelled")
     return [_outcome_of(f) for f in futures]
+
+
+_ACTIVE_CHECK = 0.25  # seconds between checks that the caller is still there
+
+
+def cancel_all(futures: Sequence[Future[Outcome]]) -> None:
+    """Cancels the items not done yet (their caller went away): they stop where they are."""
+    for fut in futures:
+        fut.cancel()
 
 
 class InProcessEncoder:

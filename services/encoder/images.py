@@ -19,6 +19,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.encoder.registry import Preprocess
 
+# Largest intermediate image of an exact resize-then-crop (4 MP, 12 MB of RGB): at 256 px that is an
+# aspect ratio of 64:1; beyond it only the crop's region is resampled (see ``resize_and_crop``).
+FULL_RESIZE_MAX_PIXELS = 4 * 1024 * 1024
+
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -50,7 +54,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode(data: bytes, *, max_bytes: int, max_pixels: int, min_short_side: int = 0) -> Image.Image:
+def decode(data: bytes, *, max_bytes: int, max_pixels: int, min_short_side: int = 0,
+           max_aspect_ratio: float = 0) -> Image.Image:
     """Decodes encoded image bytes into an upright 8-bit RGB image.
 
     Args:
@@ -60,9 +65,11 @@ def decode(data: bytes, *, max_bytes: int, max_pixels: int, min_short_side: int 
             their header, before decoding (decompression bombs).
         min_short_side: when > 0, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale as long as its
             shorter side stays at least this many pixels (the model's resize target).
+        max_aspect_ratio: images whose longer side is more than this many times the shorter one are
+            refused from their header (0: no limit).
 
     Raises:
-        InvalidArgument: empty input, not an image, truncated or corrupt data.
+        InvalidArgument: empty input, not an image, truncated or corrupt data, absurd aspect ratio.
         ResourceExhausted: over ``max_bytes`` or ``max_pixels``.
     """
     if not data:
@@ -81,6 +88,7 @@ def decode(data: bytes, *, max_bytes: int, max_pixels: int, min_short_side: int 
                 raise ResourceExhausted(
                     f"image is {width}x{height} = {width * height} pixels, over the limit of "
                     f"{max_pixels} pixels")
+            check_aspect_ratio(width, height, max_aspect_ratio)
             fmt = img.format or fmt
             if min_short_side and img.format == "JPEG":
                 scale = min_short_side / min(width, height)
@@ -97,23 +105,67 @@ def decode(data: bytes, *, max_bytes: int, max_pixels: int, min_short_side: int 
         raise InvalidArgument(f"cannot decode {fmt} image: {exc}") from exc
 
 
-def resize_and_crop(img: Image.Image, pre: Preprocess) -> torch.Tensor:
-    """Resizes the shorter side to ``pre.resize`` and centre-crops ``pre.crop`` (as torchvision's
-    ``Resize(int)`` + ``CenterCrop``); returns a uint8 tensor of shape (3, crop, crop)."""
-    width, height = img.size
-    if width <= height:
-        new_w, new_h = pre.resize, int(pre.resize * height / width)
-    else:
-        new_w, new_h = int(pre.resize * width / height), pre.resize
-    img = img.resize((new_w, new_h), resample=_RESAMPLE[pre.interpolation])
-    left = round((new_w - pre.crop) / 2.0)
-    top = round((new_h - pre.crop) / 2.0)
-    img = img.crop((left, top, left + pre.crop, top + pre.crop))
+def _to_tensor(img: Image.Image) -> torch.Tensor:
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def load_tensor(data: bytes, pre: Preprocess, *, max_bytes: int, max_pixels: int) -> torch.Tensor:
-    """``decode`` then ``resize_and_crop``: encoded bytes to the model's uint8 (3, crop, crop) input."""
-    img = decode(data, max_bytes=max_bytes, max_pixels=max_pixels, min_short_side=pre.resize)
+def resize_and_crop(img: Image.Image, pre: Preprocess) -> torch.Tensor:
+    """The model's input square, as a uint8 tensor of shape (3, crop, crop), by ``pre.resize_mode``:
+
+    - ``shortest``: the shorter side resized to ``pre.resize``, then the centred ``crop`` square (as
+      torchvision's ``Resize(int)`` + ``CenterCrop``). When the resized image would exceed
+      ``FULL_RESIZE_MAX_PIXELS`` (a 1 x 16000 image would become 256 x 4,096,000), only the source
+      region that lands in the crop is resampled (PIL's ``resize(box=...)``), so the work is bounded
+      by the crop. That path is not bit-identical (PIL places its filter taps a little differently:
+      up to a few grey levels at sharp edges), hence the exact path for every ordinary image.
+    - ``squash``: both sides resized to ``crop``, ignoring the aspect ratio.
+    - ``longest``: the longer side resized to ``crop``, then padded with black to a centred square.
+    """
+    width, height = img.size
+    resample = _RESAMPLE[pre.interpolation]
+    if pre.resize_mode == "squash":
+        return _to_tensor(img.resize((pre.crop, pre.crop), resample=resample))
+    if pre.resize_mode == "longest":
+        scale = pre.crop / max(width, height)
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        canvas = Image.new("RGB", (pre.crop, pre.crop))
+        canvas.paste(img.resize((new_w, new_h), resample=resample),
+                     ((pre.crop - new_w) // 2, (pre.crop - new_h) // 2))
+        return _to_tensor(canvas)
+    if width <= height:
+        new_w, new_h = pre.resize, int(pre.resize * height / width)
+    else:
+        new_w, new_h = int(pre.resize * width / height), pre.resize
+    left = round((new_w - pre.crop) / 2.0)
+    top = round((new_h - pre.crop) / 2.0)
+    if new_w * new_h <= FULL_RESIZE_MAX_PIXELS or left < 0 or top < 0:
+        # Exact; also for a crop larger than the resized image (PIL pads with black, as torchvision).
+        img = img.resize((new_w, new_h), resample=resample)
+        return _to_tensor(img.crop((left, top, left + pre.crop, top + pre.crop)))
+    sx, sy = new_w / width, new_h / height
+    box = (left / sx, top / sy, (left + pre.crop) / sx, (top + pre.crop) / sy)
+    return _to_tensor(img.resize((pre.crop, pre.crop), resample=resample, box=box))
+
+
+def check_aspect_ratio(width: int, height: int, max_ratio: float) -> None:
+    """Refuses an image whose longer side is more than ``max_ratio`` times its shorter one (0: no
+    limit): its centred square would show a sliver of it stretched, never what it depicts."""
+    ratio = max(width, height) / min(width, height)
+    if max_ratio and ratio > max_ratio:
+        raise InvalidArgument(f"image is {width}x{height}: its aspect ratio {ratio:.0f}:1 is over the limit of "
+                              f"{max_ratio:g}:1")
+
+
+def load_tensor(data: bytes, pre: Preprocess, *, max_bytes: int, max_pixels: int,
+                max_aspect_ratio: float = 0) -> torch.Tensor:
+    """``decode`` then ``resize_and_crop``: encoded bytes to the model's uint8 (3, crop, crop) input.
+
+    Raises:
+        InvalidArgument: not an image, or an aspect ratio over ``max_aspect_ratio`` (0: no limit).
+        ResourceExhausted: over ``max_bytes`` or ``max_pixels``.
+    """
+    img = decode(data, max_bytes=max_bytes, max_pixels=max_pixels,
+                 min_short_side=pre.resize if pre.resize_mode == "shortest" else pre.crop,
+                 max_aspect_ratio=max_aspect_ratio)
     return resize_and_crop(img, pre)

@@ -44,7 +44,8 @@ class EncoderMetrics:
             "Seconds per stage: decode (one image: decode, resize, crop), queue (one item's wait "
             "for a batch), forward (one batch on the device, transfer included).",
             ["model", "stage"], buckets=SECONDS_BUCKETS, registry=registry)
-        self.images = Counter("encoder_images_total", "Images handled, by outcome (ok, error).",
+        self.images = Counter("encoder_images_total",
+                              "Images handled, by outcome (ok, error, cancelled: the caller went away first).",
                               ["model", "outcome"], registry=registry)
         self.texts = Counter("encoder_texts_total", "Texts handled, by outcome (ok, error).",
                              ["model", "outcome"], registry=registry)

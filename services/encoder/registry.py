@@ -7,6 +7,7 @@ images prepared for another one.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,9 +25,17 @@ IMAGE = "image"
 TEXT = "text"
 
 
+RESIZE_MODES = ("shortest", "longest", "squash")
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Image to input tensor: resize the shorter side to ``resize`` px, centre-crop ``crop`` px.
+    """Image to input tensor, as open_clip's ``resize_mode`` names it:
+
+    - ``shortest`` (the torchvision default): resize the shorter side to ``resize`` px, centre-crop
+      ``crop`` px;
+    - ``squash``: resize both sides to ``crop`` px, ignoring the aspect ratio (SigLIP);
+    - ``longest``: resize the longer side to ``crop`` px and pad to a centred square.
 
     Pixel values are scaled to [0, 1], then normalised per channel: ``(x - mean) / std``.
     """
@@ -36,6 +45,11 @@ class Preprocess:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize_mode: str = "shortest"
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -125,11 +139,16 @@ _ENTRIES: tuple[ModelSpec, ...] = (
 )
 
 DEFAULT_MODEL = "efficientnet-lite0"
-_OPENCLIP_ID = re.compile(r"^openclip:(?P<arch>[^/\s]+)/(?P<pretrained>[^/\s]+)$")
+_OPENCLIP_ID = re.compile(r"^openclip:(?P<arch>[A-Za-z0-9._-]{1,64})/(?P<pretrained>[A-Za-z0-9._-]{1,64})$")
+MAX_MODEL_ID_CHARS = 200
 
 
 class Registry:
-    """Model ids to specs; ``openclip:<arch>/<pretrained>`` ids are resolved on demand."""
+    """Model ids to specs; ``openclip:<arch>/<pretrained>`` ids are resolved on demand.
+
+    Resolved ``openclip:`` ids are never added to the table (a client sending many ids must not
+    grow it, nor ListModels); the last few resolutions are memoised in a bounded cache.
+    """
 
     def __init__(self, entries: tuple[ModelSpec, ...] = _ENTRIES) -> None:
         self._specs: dict[str, ModelSpec] = {e.id: e for e in entries}
@@ -150,15 +169,17 @@ class Registry:
         spec = self._specs.get(model_id)
         if spec is not None:
             return spec
+        shown = model_id if len(model_id) <= 80 else f"{model_id[:60]}... ({len(model_id)} characters)"
+        if len(model_id) > MAX_MODEL_ID_CHARS:
+            raise NotFound(f"unknown model {shown!r}: ids have at most {MAX_MODEL_ID_CHARS} characters")
         match = _OPENCLIP_ID.match(model_id)
         if match:
-            spec = _openclip_spec(model_id, match["arch"], match["pretrained"])
-            self._specs[model_id] = spec
-            return spec
-        raise NotFound(f"unknown model {model_id!r}; known: {', '.join(self.ids())} "
-                       "or openclip:<arch>/<pretrained>")
+            return _openclip_spec(model_id, match["arch"], match["pretrained"])
+        raise NotFound(f"unknown model {shown!r}; known: {', '.join(self.ids())} "
+                       "or openclip:<arch>/<pretrained> (letters, digits, '.', '_', '-')")
 
 
+@functools.lru_cache(maxsize=32)
 def _openclip_spec(model_id: str, arch: str, pretrained: str) -> ModelSpec:
     import open_clip  # heavy import, only when such an id is used
 
@@ -174,6 +195,7 @@ def _openclip_spec(model_id: str, arch: str, pretrained: str) -> ModelSpec:
             resize=size, crop=size, interpolation=cfg.get("interpolation", "bicubic"),
             mean=tuple(cfg.get("mean", OPENAI_CLIP_MEAN)),
             std=tuple(cfg.get("std", OPENAI_CLIP_STD)),
+            resize_mode=cfg.get("resize_mode", "shortest"),
         ),
         modalities=(IMAGE, TEXT),
         weights={"pretrained": pretrained},

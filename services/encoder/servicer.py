@@ -17,7 +17,7 @@ from retrieval.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
 from services.common.errors import ServiceError, rpc_code_value
 from services.common.server import RunningServer, ServiceRegistration, create_server
 from services.encoder.config import EncoderSettings
-from services.encoder.core import EncoderCore, ModelDescription, ModelRuntime, Outcome, collect
+from services.encoder.core import EncoderCore, ModelDescription, ModelRuntime, Outcome, cancel_all, collect
 from services.encoder.registry import IMAGE, TEXT, Registry
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ def model_info(d: ModelDescription) -> encoder_pb2.ModelInfo:
         modalities=[_MODALITY[m] for m in d.spec.modalities],
         preprocessing=encoder_pb2.Preprocessing(resize=pre.resize, crop=pre.crop,
                                                 interpolation=pre.interpolation,
-                                                mean=list(pre.mean), std=list(pre.std)),
+                                                mean=list(pre.mean), std=list(pre.std),
+                                                resize_mode=pre.resize_mode),
         device=d.device, dtype=d.dtype, weights_source=d.weights_source,
         weights_sha256=d.weights_sha256 or d.spec.sha256, loaded=d.loaded,
         max_text_chars=d.spec.max_text_chars)
@@ -75,8 +76,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     def EmbedImages(self, request: encoder_pb2.EmbedImagesRequest,
                     context: grpc.ServicerContext) -> encoder_pb2.EmbedImagesResponse:
-        runtime, outcomes = self.core.embed_images(request.model, [img.data for img in request.images],
-                                                   deadline_of(context))
+        deadline = deadline_of(context)
+        runtime = self.core.runtime(request.model)
+        futures = self.core.submit_images(runtime, [img.data for img in request.images], deadline)
+        if not context.add_callback(lambda: cancel_all(futures)):  # the caller went away: stop the work
+            cancel_all(futures)
+        outcomes = collect(futures, deadline, context.is_active)
         return encoder_pb2.EmbedImagesResponse(model=runtime.spec.id, dim=runtime.spec.dim,
                                                results=to_results(outcomes, _ids(request.images)))
 
@@ -86,6 +91,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         deadline = deadline_of(context)
         pending: queue.Queue[_StreamEntry] = queue.Queue(maxsize=STREAM_WINDOW)
         stop = threading.Event()
+        # Futures of messages not yet answered: cancelled when the caller goes away.
+        live: dict[int, list[Future[Outcome]]] = {}
+        live_lock = threading.Lock()
+
+        def cancel_live() -> None:
+            stop.set()
+            with live_lock:
+                for futures in live.values():
+                    cancel_all(futures)
+
+        if not context.add_callback(cancel_live):
+            stop.set()
 
         def put(entry: _StreamEntry) -> bool:
             while not stop.is_set():  # the window is full: wait, unless the client went away
@@ -98,9 +115,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
         def read() -> None:
             try:
-                for request in request_iterator:
+                for sequence, request in enumerate(request_iterator):
                     runtime = self.core.runtime(request.model)
                     futures = self.core.submit_images(runtime, [i.data for i in request.images], deadline)
+                    with live_lock:
+                        live[sequence] = futures
+                    if stop.is_set():
+                        cancel_all(futures)
+                        return
                     if not put((runtime, _ids(request.images), futures)):
                         return
                 put(None)
@@ -117,11 +139,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 if isinstance(entry, BaseException):
                     raise entry
                 runtime, ids, futures = entry
-                outcomes = collect(futures, deadline)
+                outcomes = collect(futures, deadline, context.is_active)
+                with live_lock:
+                    live.pop(next(iter(live)), None)  # answered in order: the oldest entry is this one
                 yield encoder_pb2.StreamEmbedImagesResponse(
                     model=runtime.spec.id, dim=runtime.spec.dim, results=to_results(outcomes, ids))
         finally:
-            stop.set()
+            cancel_live()
 
     def EmbedTexts(self, request: encoder_pb2.EmbedTextsRequest,
                    context: grpc.ServicerContext) -> encoder_pb2.EmbedTextsResponse:

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from retrieval.v1 import encoder_pb2_grpc
 
-from services.common.client import channel, wait_serving
+from services.common.clients import channel, wait_serving
 from services.common.server import RunningServer
 from services.encoder.config import EncoderSettings
 from services.encoder.core import EncoderCore

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from retrieval.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
 
-from services.common.client import channel, wait_serving
+from services.common.clients import channel, wait_serving
 from services.common.server import RunningServer
 from services.encoder.config import EncoderSettings
 from services.encoder.core import EncoderCore

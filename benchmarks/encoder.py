@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from retrieval.v1 import encoder_pb2, encoder_pb2_grpc  # noqa: E402
 
-from services.common.client import channel, wait_serving  # noqa: E402
+from services.common.clients import channel, wait_serving  # noqa: E402
 from services.encoder.config import EncoderSettings  # noqa: E402
 from services.encoder.core import EncoderCore  # noqa: E402
 from services.encoder.images import load_tensor  # noqa: E402

@@ -37,30 +37,37 @@ def _search_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
-def _embed(address: str, model: str, paths: Sequence[Path], timeout: float) -> list[dict[str, object]]:
-    from retrieval.v1 import encoder_pb2, encoder_pb2_grpc
+def _endpoint(address: str, args: argparse.Namespace) -> Any:
+    """The endpoint of a service named on the command line, with the client flags (token, TLS)."""
+    from services.common.clients import ClientTLS, Endpoint
+    from services.common.settings import ClientSettings, settings_from_args
 
-    from services.common.client import channel, wait_serving
+    client = settings_from_args(ClientSettings, args)
+    tls = ClientTLS.from_files(client.tls_ca_file, client.tls_cert_file, client.tls_key_file, client.tls_server_name)
+    return Endpoint(address, token=client.token, tls=tls, timeout=client.timeout)
 
-    with channel(address) as chan:
-        wait_serving(chan, timeout=timeout)
-        stub = encoder_pb2_grpc.EncoderServiceStub(chan)
-        request = encoder_pb2.EmbedImagesRequest(
-            model=model, images=[encoder_pb2.Image(data=p.read_bytes(), id=str(p)) for p in paths])
-        response = stub.EmbedImages(request, timeout=timeout)
+
+def _embed(args: argparse.Namespace, paths: Sequence[Path]) -> list[dict[str, object]]:
+    from services.common.clients import EncoderClient
+
+    endpoint = _endpoint(args.address, args)
+    with EncoderClient(endpoint) as client:
+        client.wait_ready(timeout=endpoint.timeout)
+        embedded = client.embed_images([p.read_bytes() for p in paths], model=args.model)
     rows: list[dict[str, object]] = []
-    for result in response.results:
-        if result.HasField("error"):
-            rows.append({"id": result.id, "error": result.error.message, "code": result.error.code})
+    for i, path in enumerate(paths):
+        if i in embedded.errors:
+            error = embedded.errors[i]
+            rows.append({"id": str(path), "error": error.message, "code": error.code.value[0]})
         else:
-            vec = np.asarray(result.vector.values, dtype=np.float32)
-            rows.append({"id": result.id, "model": response.model, "dim": response.dim,
+            vec = embedded.vectors[i]
+            rows.append({"id": str(path), "model": embedded.model, "dim": embedded.dim,
                          "norm": round(float(np.linalg.norm(vec)), 6), "vector": vec})
     return rows
 
 
 def _encoder_embed(args: argparse.Namespace) -> int:
-    rows = _embed(args.address, args.model, [Path(p) for p in args.images], args.timeout)
+    rows = _embed(args, [Path(p) for p in args.images])
     failed = 0
     for row in rows:
         vec = row.pop("vector", None)
@@ -82,7 +89,10 @@ def _up(args: argparse.Namespace) -> int:
 
     options = {"host": args.host, "data_dir": Path(args.data_dir), "models": tuple(args.models),
                "log_dir": Path(args.log_dir), "output_dir": Path(args.output),
-               "allowed_roots": tuple(Path(r).resolve() for r in args.allowed_roots)}
+               "allowed_roots": tuple(Path(r).resolve() for r in args.allowed_roots),
+               "auth_token": args.auth_token or None,
+               **{k: Path(v).resolve() for k in ("tls_cert_file", "tls_key_file", "tls_ca_file")
+                  if (v := getattr(args, k))}}
     config = StackConfig.on_free_ports(**options) if args.free_ports else StackConfig(**options)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -127,9 +137,8 @@ def _demo(args: argparse.Namespace) -> int:
     with Stack(config):
         print(f"stack ready in {time.monotonic() - start:.0f} s", flush=True)
         spec = RunSpec(dataset=str(dataset), models=tuple(args.models), protocol=args.protocol,
-                       catalogue=args.catalogue or "", queries=args.queries or "", output_dir=str(output),
-                       tsne=not args.no_tsne)
-        code = _eval_run_remote(config.address("evaluator"), [spec])
+                       catalogue=args.catalogue or "", queries=args.queries or "", tsne=not args.no_tsne)
+        code = _follow_runs(config.address("evaluator"), args, [spec])
     if code != 0:
         return code
     md_path, html_path = aggregate(output)
@@ -185,17 +194,22 @@ def _eval_run(args: argparse.Namespace) -> int:
     from services.evaluator.reports import aggregate, load_reports, markdown_table
     from services.evaluator.runner import RunSpec
 
-    settings = EvaluatorSettings(**{k: v for k, v in {
-        "encoder_address": args.encoder, "search_address": args.search, "output_dir": args.output,
-        "cache_dir": args.cache_dir}.items() if v is not None})
-    output = Path(settings.output_dir)
     specs = [RunSpec(dataset=str(Path(d).resolve()), models=tuple(args.models), protocol=args.protocol,
                      catalogue=args.catalogue or "", queries=args.queries or "", ks=tuple(args.ks),
-                     output_dir=str(output.resolve()), tsne=not args.no_tsne) for d in args.dataset]
+                     tsne=not args.no_tsne, run_name=args.run_name or "") for d in args.dataset]
     if args.evaluator:
-        return _eval_run_remote(args.evaluator, specs)
+        if args.output:
+            print("--output: the evaluator service decides where reports go (retrieval up --output, "
+                  "EVALUATOR_OUTPUT_DIR); name the run with --run-name", file=sys.stderr)
+            return 2
+        return _follow_runs(args.evaluator, args, specs)
     from services.evaluator.servicer import make_runner
 
+    settings = EvaluatorSettings(**{k: v for k, v in {
+        "encoder_address": args.encoder, "search_address": args.search, "output_dir": args.output,
+        "cache_dir": args.cache_dir, "service_token": args.token, "service_tls_ca_file": args.tls_ca_file,
+        "service_tls_cert_file": args.tls_cert_file, "service_tls_key_file": args.tls_key_file}.items()
+        if v is not None})
     # Datasets named on the command line are allowed in addition to the configured roots.
     allowed = [*settings.allowed_roots, *(Path(d).resolve() for d in args.dataset)]
     runner = make_runner(settings.model_copy(update={"allowed_roots": allowed}))
@@ -210,44 +224,49 @@ def _eval_run(args: argparse.Namespace) -> int:
                       + f"  ({result.report_path})")
         finally:
             bars.close()
+    output = Path(settings.output_dir) / (args.run_name or "")
     md_path, html_path = aggregate(output)
     print("\n" + markdown_table(load_reports(output), "map"))
     print(f"\nreport: {md_path}\n        {html_path}")
     return 0
 
 
-def _eval_run_remote(address: str, specs: Sequence[Any]) -> int:
-    from retrieval.v1 import evaluator_pb2, evaluator_pb2_grpc
+def _follow_runs(address: str, args: argparse.Namespace, specs: Sequence[Any]) -> int:
+    """Starts each spec on the evaluator service and follows it to its end (across connection
+    ageing and evaluator restarts: the watch is re-opened by run id); 1 if any run did not succeed."""
+    from retrieval.v1 import evaluator_pb2
 
-    from services.common.client import channel, wait_serving
+    from services.common.clients import EvaluatorClient
     from services.evaluator.servicer import spec_to_proto
 
     failed = 0
-    with channel(address) as chan:
-        wait_serving(chan, timeout=60)
-        stub = evaluator_pb2_grpc.EvaluatorServiceStub(chan)
+    with EvaluatorClient(_endpoint(address, args)) as client:
+        client.wait_ready(timeout=60)
         for spec in specs:
-            run_id = stub.StartRun(evaluator_pb2.StartRunRequest(spec=spec_to_proto(spec))).run_id
+            run_id = client.start_run(spec_to_proto(spec))
             print(f"run {run_id}: {spec.dataset}")
             bars = _Bars()
             last = None
-            for update in stub.WatchRun(evaluator_pb2.WatchRunRequest(run_id=run_id)):
-                last = update.run
-                if last.progress.stage:
-                    bars(last.progress.stage, last.progress.done, last.progress.total, last.progress.message)
-            bars.close()
+            try:
+                for last in client.watch(run_id):
+                    if last.progress.stage:
+                        bars(last.progress.stage, last.progress.done, last.progress.total, last.progress.message)
+            finally:
+                bars.close()
             if last is None or last.state != evaluator_pb2.RUN_STATE_SUCCEEDED:
                 failed += 1
                 print(f"run {run_id} ended {evaluator_pb2.RunState.Name(last.state) if last else '?'}: "
                       f"{last.error if last else ''}")
-            else:
-                by_model: dict[str, dict[str, float]] = {}
-                for key, value in last.metrics.items():
-                    model, _, metric = key.rpartition("/")
-                    by_model.setdefault(model, {})[metric] = value
-                for model, values in by_model.items():
-                    ordered = sorted(values.items(), key=lambda kv: (kv[0] != "map", len(kv[0]), kv[0]))
-                    print(f"{model}: " + ", ".join(f"{k} {v:.4f}" for k, v in ordered))
+                continue
+            by_model: dict[str, dict[str, float]] = {}
+            for key, value in last.metrics.items():
+                model, _, metric = key.rpartition("/")
+                by_model.setdefault(model, {})[metric] = value
+            for model, values in by_model.items():
+                ordered = sorted(values.items(), key=lambda kv: (kv[0] != "map", len(kv[0]), kv[0]))
+                print(f"{model}: " + ", ".join(f"{k} {v:.4f}" for k, v in ordered))
+            for report in last.reports:
+                print(f"  report {report}")
     return 1 if failed else 0
 
 
@@ -276,7 +295,7 @@ def _comma_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from services.common.settings import add_settings_arguments
+    from services.common.settings import ClientSettings, add_settings_arguments
     from services.encoder.config import EncoderSettings
     from services.evaluator.config import EvaluatorSettings
     from services.search.config import SearchSettings
@@ -294,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("images", nargs="+")
     embed.add_argument("--address", default="127.0.0.1:50051")
     embed.add_argument("--model", default="")
-    embed.add_argument("--timeout", type=float, default=60.0)
     embed.add_argument("--full", action="store_true", help="print whole vectors")
+    add_settings_arguments(embed, ClientSettings)
     embed.set_defaults(func=_encoder_embed)
 
     evaluator = commands.add_parser("evaluator", help="the evaluator service").add_subparsers(
@@ -315,12 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--catalogue", help="catalogue list (catalogue_query), relative to the dataset root")
     run.add_argument("--queries", help="query list (catalogue_query), relative to the dataset root")
     run.add_argument("--ks", type=lambda s: [int(k) for k in _comma_list(s)], default=[1, 5, 10, 20, 100])
-    run.add_argument("--output", help="report directory [env EVALUATOR_OUTPUT_DIR; default reports]")
+    run.add_argument("--output", help="report directory when the run executes here (not with --evaluator) "
+                                      "[env EVALUATOR_OUTPUT_DIR; default reports]")
+    run.add_argument("--run-name", help="the run's report folder under the report directory (letters, digits, "
+                                        ". _ -); with --evaluator, the only say a client has in where reports go")
     run.add_argument("--cache-dir", help="embedding cache [env EVALUATOR_CACHE_DIR]")
     run.add_argument("--encoder", help="encoder address [env EVALUATOR_ENCODER_ADDRESS; default 127.0.0.1:50051]")
     run.add_argument("--search", help="search address [env EVALUATOR_SEARCH_ADDRESS; default 127.0.0.1:50052]")
     run.add_argument("--evaluator", help="submit to this evaluator service instead of running here")
     run.add_argument("--no-tsne", action="store_true", help="skip the t-SNE maps")
+    add_settings_arguments(run, ClientSettings)
     run.set_defaults(func=_eval_run)
     report = evaluate.add_parser("report", help="aggregate run reports into summary.md / summary.html")
     report.add_argument("directory", nargs="?", default="reports")
@@ -343,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", default=".cache/retrieval/logs")
     up.add_argument("--output", default="reports", help="evaluator report directory")
     up.add_argument("--allowed-roots", type=_comma_list, default=["."], help="where datasets may be read")
+    up.add_argument("--auth-token", default=os.environ.get("RETRIEVAL_AUTH_TOKEN"),
+                    help="every service requires this bearer token; the evaluator sends it upstream "
+                         "[env RETRIEVAL_AUTH_TOKEN]")
+    up.add_argument("--tls-cert-file", help="serve TLS with this PEM certificate (with --tls-key-file)")
+    up.add_argument("--tls-key-file", help="PEM key of --tls-cert-file")
+    up.add_argument("--tls-ca-file", help="PEM CA that signed --tls-cert-file (the evaluator verifies with it)")
     up.add_argument("--free-ports", action="store_true",
                     help="pick free ports instead of 50051-50053 (gRPC) and 9101-9103 (metrics)")
     up.set_defaults(func=_up)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.client import channel, wait_serving
+from services.common.clients import ClientTLS, channel, wait_serving
 
 SERVICES = ("encoder", "search", "evaluator")
 HEALTH_NAMES = {"encoder": "retrieval.v1.EncoderService", "search": "retrieval.v1.SearchService",
@@ -40,6 +40,9 @@ class StackConfig:
         log_dir: one ``<service>.log`` per service.
         output_dir, cache_dir: the evaluator's reports and embedding cache.
         allowed_roots: directories the evaluator may read datasets from.
+        auth_token: when set, every service requires it and the evaluator sends it upstream.
+        tls_cert_file, tls_key_file: when set, every service serves TLS with them.
+        tls_ca_file: the CA that signed that certificate (the evaluator and the stack verify with it).
     """
 
     host: str = "127.0.0.1"
@@ -52,6 +55,10 @@ class StackConfig:
     output_dir: Path = Path("reports")
     cache_dir: Path = Path(".cache/retrieval/embeddings")
     allowed_roots: tuple[Path, ...] = (Path.cwd(),)
+    auth_token: str | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
 
     @classmethod
     def on_free_ports(cls, **kwargs: object) -> StackConfig:
@@ -62,6 +69,13 @@ class StackConfig:
 
     def address(self, service: str) -> str:
         return f"{self.host}:{self.ports[service]}"
+
+    @property
+    def client_tls(self) -> ClientTLS | None:
+        """How a client verifies the stack's servers (None: plaintext)."""
+        if self.tls_cert_file is None:
+            return None
+        return ClientTLS(ca_file=self.tls_ca_file or self.tls_cert_file)
 
 
 class Stack:
@@ -82,7 +96,16 @@ class Stack:
         else:
             cmd += ["--encoder-address", c.address("encoder"), "--search-address", c.address("search"),
                     "--output-dir", str(c.output_dir), "--cache-dir", str(c.cache_dir),
+                    "--state-dir", str(c.log_dir.parent / "runs"),
                     "--allowed-roots", ",".join(str(r) for r in c.allowed_roots)]
+            if c.auth_token:
+                cmd += ["--service-token", c.auth_token]
+            if c.tls_cert_file:
+                cmd += ["--service-tls-ca-file", str(c.tls_ca_file or c.tls_cert_file)]
+        if c.auth_token:
+            cmd += ["--auth-token", c.auth_token]
+        if c.tls_cert_file and c.tls_key_file:
+            cmd += ["--tls-cert-file", str(c.tls_cert_file), "--tls-key-file", str(c.tls_key_file)]
         return cmd
 
     def start(self, timeout: float = 600.0) -> None:
@@ -100,7 +123,7 @@ class Stack:
                                                        env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         for service in SERVICES:
-            with channel(self.config.address(service)) as chan:
+            with channel(self.config.address(service), tls=self.config.client_tls) as chan:
                 while True:
                     self._check_alive(service)
                     try:

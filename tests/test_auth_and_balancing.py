@@ -8,10 +8,9 @@ import grpc
 import pytest
 from retrieval.v1 import encoder_pb2, encoder_pb2_grpc
 
-from services.common.client import channel, wait_serving
+from services.common.clients import EncoderClient, Endpoint, channel, wait_serving
 from services.encoder.config import EncoderSettings
 from services.encoder.servicer import create_encoder_server
-from services.evaluator.clients import EncoderClient
 
 
 def test_clients_with_the_token_pass_and_others_are_refused() -> None:
@@ -30,9 +29,8 @@ def test_clients_with_the_token_pass_and_others_are_refused() -> None:
             # Streams carry it too.
             request = encoder_pb2.StreamEmbedImagesRequest(model="resnet18", images=[encoder_pb2.Image(data=b"")])
             assert next(iter(stub.StreamEmbedImages(iter([request])))).results[0].HasField("error")
-        client = EncoderClient(address, token="t0ken")
-        assert client.model("efficientnet-lite0").dim == 1280
-        client.close()
+        with EncoderClient(Endpoint(address, token="t0ken")) as client:
+            assert client.model("efficientnet-lite0").dim == 1280
     finally:
         running.stop(0)
         core.close()

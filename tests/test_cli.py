@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.client import channel, wait_serving
+from services.common.clients import channel, wait_serving
 from services.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,14 +24,26 @@ class EvaluatorSettings(ServerSettings):
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=lambda: [Path.cwd()],
         description="datasets must lie under one of these directories (comma-separated)")
-    output_dir: Path = Field(Path("reports"), description="where run reports (JSON, Markdown, HTML, PNG) go")
+    output_dir: Path = Field(
+        Path("reports"), description="where run reports (JSON, Markdown, HTML, PNG) go; the server alone decides "
+                                     "(a run may name a sub-folder, never a path)")
     cache_dir: Path = Field(Path(".cache/retrieval/embeddings"),
                             description="embeddings cached by dataset fingerprint and model weights")
     embed_batch: int = Field(32, gt=0, description="images per StreamEmbedImages message")
-    query_concurrency: int = Field(8, gt=0, description="search calls in flight during querying")
     max_concurrent_runs: int = Field(1, gt=0, description="runs executed at once; others queue")
+    max_runs_kept: int = Field(
+        1000, gt=0, description="finished runs remembered (ListRuns, GetRun); the oldest are forgotten first")
+    state_dir: Path = Field(
+        Path(".cache/retrieval/runs"), description="where run records are kept across restarts (a run that was "
+                                                   "running when the evaluator stopped is reported FAILED)")
     service_token: str | None = Field(
         None, description="bearer token sent to the encoder and search services (their --auth-token)")
+    service_tls_ca_file: Path | None = Field(
+        None, description="PEM CA bundle to verify the encoder and search services' TLS certificates (TLS is on "
+                          "towards them when this or a client certificate is set)")
+    service_tls_cert_file: Path | None = Field(
+        None, description="PEM client certificate presented to the encoder and search services (mutual TLS)")
+    service_tls_key_file: Path | None = Field(None, description="PEM key of --service-tls-cert-file")
     rpc_timeout_seconds: float = Field(600.0, gt=0, description="deadline of each call to the other services")
 
     @field_validator("allowed_roots", mode="before")

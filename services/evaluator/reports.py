@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from services.common.files import atomic_write, atomic_write_text
+
 REPORT_SCHEMA = "retrieval.report/v1"
 THUMB = 96  # px, side of a thumbnail in retrieval grids
 
@@ -36,9 +38,13 @@ def report_name(dataset: str, model: str, protocol: str) -> str:
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, sort_keys=False, default=_json_default) + "\n")
-    return path
+    """Writes the report atomically: a reader (or a crash) never sees half of one."""
+    return atomic_write_text(path, json.dumps(report, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Saves a figure as PNG atomically (concurrent runs and readers never see a torn file)."""
+    return atomic_write(path, lambda fh: fig.savefig(fh, format="png"), durable=False)
 
 
 def _json_default(value: object) -> object:
@@ -62,7 +68,7 @@ def plot_pr_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], t
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -100,7 +106,7 @@ def plot_retrieval_grid(examples: Sequence[dict[str, Any]], root: Path, title: s
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -126,7 +132,7 @@ def plot_tsne(vectors: np.ndarray, labels: Sequence[str], title: str, path: Path
     ax.set(title=f"{title} ({len(index)} of {len(vectors)} images, {len(names)} classes)", xticks=[], yticks=[])
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -227,9 +233,9 @@ def aggregate(directory: Path, out_dir: Path | None = None) -> tuple[Path, Path]
                     md.append(f"\n(best 10 and worst 10 of {len(per_class)} classes; all in the JSON report)")
             md.append("")
     md_path = out_dir / "summary.md"
-    md_path.write_text("\n".join(md) + "\n")
+    atomic_write_text(md_path, "\n".join(md) + "\n")
     html_path = out_dir / "summary.html"
-    html_path.write_text(_markdown_to_html("\n".join(md)))
+    atomic_write_text(html_path, _markdown_to_html("\n".join(md)))
     return md_path, html_path
 
 

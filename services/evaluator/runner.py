@@ -14,6 +14,7 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from services.common.clients import EncoderClient, SearchClient, TopK
 from services.common.errors import Cancelled, InvalidArgument
 from services.evaluator import metrics as mx
 from services.evaluator.cache import CachedEmbeddings, EmbeddingCache, cache_key
-from services.evaluator.clients import EncoderClient, Hit, SearchClient
 from services.evaluator.datasets import (
     CheckedDataset,
     Dataset,
@@ -51,6 +52,8 @@ LEAVE_ONE_OUT = "leave_one_out"
 CATALOGUE_QUERY = "catalogue_query"
 PROTOCOLS = (LEAVE_ONE_OUT, CATALOGUE_QUERY)
 RANDOM_INIT = "random-init"
+MAX_K = 1000  # deepest cut-off: the top-k of every query comes back through the search service
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 Progress = Callable[[str, int, int, str], None]
 """Called with (stage, done, total, message)."""
@@ -68,9 +71,10 @@ class RunSpec:
         catalogue, queries: list files of a catalogue/query split (empty: ``train/`` and ``test/``
             folders under ``dataset``).
         ks: cut-offs of P@k, R@k and mAP@k.
-        output_dir: where reports go (empty: the settings' output dir).
         name: dataset display name (empty: the folder's name).
         tsne: draw the t-SNE map (seconds to a minute on a CPU).
+        run_name: the run's report folder under the runner's report directory (empty: that
+            directory itself). Clients name runs; only the server decides where reports go.
     """
 
     dataset: str
@@ -79,9 +83,9 @@ class RunSpec:
     catalogue: str = ""
     queries: str = ""
     ks: tuple[int, ...] = (1, 5, 10, 20, 100)
-    output_dir: str = ""
     name: str = ""
     tsne: bool = True
+    run_name: str = ""
 
     def validate(self) -> None:
         if not self.dataset:
@@ -96,6 +100,12 @@ class RunSpec:
             raise InvalidArgument("run spec: catalogue/queries lists need protocol catalogue_query")
         if not self.ks or min(self.ks) < 1:
             raise InvalidArgument(f"run spec: ks must be positive integers, got {list(self.ks)}")
+        if max(self.ks) > MAX_K:
+            raise InvalidArgument(f"run spec: ks must be at most {MAX_K}, got {max(self.ks)}")
+        for what, value in (("run_name", self.run_name), ("name", self.name)):
+            if value and not _RUN_NAME.fullmatch(value):
+                raise InvalidArgument(f"run spec: {what} {value!r} must be 1 to 64 letters, digits, '.', '_' or '-', "
+                                      "starting with a letter or digit")
 
 
 @dataclass
@@ -124,9 +134,11 @@ def code_version() -> str:
         return "unknown"
 
 
-def collection_name(dataset: str, model: str, protocol: str) -> str:
-    """A Qdrant-safe collection name for an evaluation index."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"eval__{dataset}__{model}__{protocol}")[:200]
+def collection_name(dataset: str, model: str, protocol: str, run_id: str) -> str:
+    """The collection of one run's evaluation index: unique per run (concurrent runs of one dataset
+    and model never share one), Qdrant-safe, deleted when the run's model is done."""
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", f"eval__{dataset}__{model}__{protocol}")[:180]
+    return f"{stem}__{re.sub(r'[^A-Za-z0-9_-]', '_', run_id)[:40]}"
 
 
 @dataclass
@@ -145,15 +157,13 @@ class Runner:
     """Executes run specs against an encoder and a search service."""
 
     def __init__(self, encoder: EncoderClient, search: SearchClient, cache: EmbeddingCache,
-                 allowed_roots: Sequence[Path], output_dir: Path, embed_batch: int = 32,
-                 query_concurrency: int = 8) -> None:
+                 allowed_roots: Sequence[Path], output_dir: Path, embed_batch: int = 32) -> None:
         self.encoder = encoder
         self.search = search
         self.cache = cache
         self.allowed_roots = list(allowed_roots)
         self.output_dir = output_dir
         self.embed_batch = embed_batch
-        self.query_concurrency = query_concurrency
 
     # -- datasets ---------------------------------------------------------------------------------
 
@@ -187,12 +197,14 @@ class Runner:
             vectors, failed = cached.vectors, cached.failed
         else:
             progress(stage, 0, len(paths), f"{model}: embedding {len(paths)} images")
-            embedded = self.encoder.embed_files(model, usable.root, paths, batch=self.embed_batch,
-                                                progress=lambda d, t: progress(stage, d, t, model), cancelled=cancelled)
-            if cancelled.is_set():
-                raise Cancelled("run cancelled")
-            failed = {paths[i]: msg for i, msg in embedded.failed.items()}
-            vectors = embedded.vectors
+            try:
+                embedded = self.encoder.embed_files(usable.root, paths, model=model, batch=self.embed_batch,
+                                                    progress=lambda d, t: progress(stage, d, t, model),
+                                                    cancelled=cancelled)
+            except Cancelled:
+                raise Cancelled("run cancelled") from None
+            failed = {paths[i]: f"{paths[i]}: {e.message}" for i, e in embedded.errors.items()}
+            vectors = embedded.vectors[embedded.ok]
             if not random_init:
                 self.cache.store(key, CachedEmbeddings([p for p in paths if p not in failed], vectors, failed))
         excluded += [{"path": p, "reason": f"encoder: {msg}"} for p, msg in failed.items()]
@@ -202,22 +214,33 @@ class Runner:
     # -- one run ------------------------------------------------------------------------------------
 
     def run(self, spec: RunSpec, progress: Progress | None = None,
-            cancelled: threading.Event | None = None) -> list[ModelResult]:
-        """Evaluates every model of ``spec``; writes one JSON report per model and the summary."""
+            cancelled: threading.Event | None = None, run_id: str = "") -> list[ModelResult]:
+        """Evaluates every model of ``spec``; writes one JSON report per model.
+
+        Reports go to the runner's directory (``/ spec.run_name`` when named). ``run_id`` names the
+        run's search collections (a fresh one when empty), so concurrent runs never collide.
+        """
         spec.validate()
         progress = progress or (lambda *_: None)
         cancelled = cancelled or threading.Event()
+        run_id = run_id or uuid.uuid4().hex[:12]
         name, first, queries = self._open(spec)
-        out_dir = Path(spec.output_dir) if spec.output_dir else self.output_dir
+        if spec.protocol == LEAVE_ONE_OUT and len(first) < 2:
+            raise InvalidArgument(f"dataset {name!r} has {len(first)} readable image(s); leave-one-out needs at "
+                                  "least 2 (each image queries the others)")
+        if queries is not None and (len(first) == 0 or len(queries) == 0):
+            raise InvalidArgument(f"dataset {name!r}: the catalogue has {len(first)} images and the queries "
+                                  f"{len(queries)}; both need at least one")
+        out_dir = self.output_dir / spec.run_name if spec.run_name else self.output_dir
         results = []
         for model in spec.models:
             if cancelled.is_set():
                 raise Cancelled("run cancelled")
-            results.append(self._run_model(spec, name, first, queries, model, out_dir, progress, cancelled))
+            results.append(self._run_model(spec, name, first, queries, model, out_dir, progress, cancelled, run_id))
         return results
 
     def _run_model(self, spec: RunSpec, name: str, first: Dataset, queries_ds: Dataset | None, model: str,
-                   out_dir: Path, progress: Progress, cancelled: threading.Event) -> ModelResult:
+                   out_dir: Path, progress: Progress, cancelled: threading.Event, run_id: str) -> ModelResult:
         info = self.encoder.model(model)
         random_init = info.weights_source == RANDOM_INIT
         catalogue = self._embed(first, model, info.weights_sha256, random_init, "embedding", progress, cancelled)
@@ -231,26 +254,29 @@ class Runner:
         n_cat = len(catalogue.dataset)
         top = min(max(spec.ks), n_cat - 1 if loo else n_cat)
 
-        # Index the catalogue in the search service (exact search for evaluation).
+        # Index the catalogue in a collection of this run (exact search for evaluation), query it
+        # (by stored id in leave-one-out, by vector otherwise), and drop it.
         start = time.perf_counter()
-        collection = collection_name(name, model, spec.protocol)
+        collection = collection_name(name, model, spec.protocol, run_id)
         self.search.recreate_collection(collection, int(info.dim), model, name)
-        ids = self.search.upsert(collection, name, [i.path for i in catalogue.dataset.items], catalogue.dataset.labels,
-                                 catalogue.vectors, progress=lambda d, t: progress("indexing", d, t, model))
-        index_seconds = time.perf_counter() - start
+        try:
+            ids = self.search.upsert(collection, name, [i.path for i in catalogue.dataset.items],
+                                     catalogue.dataset.labels, catalogue.vectors, cancelled=cancelled,
+                                     progress=lambda d, t: progress("indexing", d, t, model)).ids
+            index_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            report_progress = lambda d, t: progress("querying", d, t, model)  # noqa: E731
+            found: TopK = (
+                self.search.top_k(collection, top, point_ids=ids, progress=report_progress) if loo else
+                self.search.top_k(collection, top, vectors=query.vectors, progress=report_progress))
+        except Cancelled:
+            raise Cancelled("run cancelled") from None
+        finally:
+            self.search.delete_collection(collection, missing_ok=True)
         index_of = {point_id: i for i, point_id in enumerate(ids)}
-
-        # Top-k through the service: by stored id (leave-one-out) or by query vector.
-        start = time.perf_counter()
-        report_progress = lambda d, t: progress("querying", d, t, model)  # noqa: E731
-        hits: list[list[Hit]] = (
-            self.search.search_by_ids(collection, ids, top, exact=True, concurrency=self.query_concurrency,
-                                      progress=report_progress) if loo else
-            self.search.search_vectors(collection, query.vectors, top, exact=True, progress=report_progress))
-        service_top = np.full((len(hits), top), -1, dtype=np.int64)
-        for q, row in enumerate(hits):
-            found = [index_of.get(h.id, -1) for h in row[:top]]
-            service_top[q, : len(found)] = found
+        service_top = np.full((len(found.ids), top), -1, dtype=np.int64)
+        for q, row in enumerate(found.ids):
+            service_top[q, : len(row)] = [index_of.get(pid, -1) for pid in row[:top]]
         query_seconds = time.perf_counter() - start
         if cancelled.is_set():
             raise Cancelled("run cancelled")
@@ -274,7 +300,8 @@ class Runner:
         figures = out_dir / "figures"
         pr_png = plot_pr_curves({model: (result["pr_recall"].tolist(), result["pr_precision"].tolist())},
                                 f"{name} - {model} - {spec.protocol}", figures / f"pr__{stem}.png")
-        examples = best_and_worst(result, catalogue, query, service_top, hits, query_members, cat_members, loo)
+        examples = best_and_worst(result, catalogue, query, service_top, found.scores, query_members, cat_members,
+                                  loo)
         grid_png = plot_retrieval_grid(examples["best"] + examples["worst"], catalogue.dataset.root,
                                        f"{name} - {model}: best 5 and worst 5 queries (top-5 | worst-ranked relevant)",
                                        figures / f"grid__{stem}.png")
@@ -340,7 +367,7 @@ def index_recall(service_top: np.ndarray, exact_top: np.ndarray, ks: Sequence[in
 
 
 def best_and_worst(result: mx.RetrievalMetrics, catalogue: _Side, query: _Side, service_top: np.ndarray,
-                   hits: list[list[Hit]], query_members: np.ndarray, cat_members: np.ndarray, loo: bool,
+                   service_scores: np.ndarray, query_members: np.ndarray, cat_members: np.ndarray, loo: bool,
                    n: int = 5, shown: int = 5) -> dict[str, list[dict[str, Any]]]:
     """The ``n`` best and worst queries by AP, each with its top ``shown`` retrievals (from the search
     service) and its ``shown`` worst-ranked relevant items (from the exact full ranking)."""
@@ -355,10 +382,10 @@ def best_and_worst(result: mx.RetrievalMetrics, catalogue: _Side, query: _Side, 
         for q in queries:
             q = int(q)
             top = []
-            for j, hit in zip(service_top[q][:shown], hits[q][:shown], strict=False):
+            for j, score in zip(service_top[q][:shown], service_scores[q][:shown], strict=False):
                 if j < 0:
                     continue
-                top.append({"path": items[j].path, "score": round(float(hit.score), 5),
+                top.append({"path": items[j].path, "score": round(float(score), 5),
                             "relevant": bool((query_members[q] & cat_members[j]).any())})
             scores = catalogue.vectors @ query.vectors[q]
             if loo:

@@ -1,7 +1,18 @@
-"""Run bookkeeping for the evaluator service: queue, progress, watchers, cancellation."""
+"""Run bookkeeping for the evaluator service: queue, progress, watchers, cancellation, history.
+
+Every state change of a run (queued, running, its end) is written to ``state_dir`` atomically, so a
+restarted evaluator still lists its runs, and a run that was queued or running when the process
+died is reported FAILED ("interrupted"), never left looking alive or complete: its reports are
+written atomically and only listed once the run succeeded. The history is bounded
+(``max_runs_kept`` finished runs; the oldest are forgotten first) and listed page by page.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
+import json
 import logging
 import threading
 import time
@@ -9,16 +20,21 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.errors import Cancelled, FailedPrecondition, NotFound
+from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from services.common.files import atomic_write_text
 from services.evaluator.runner import ModelResult, Runner, RunSpec
 
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,18 @@ class RunRecord:
     error: str = ""
     version: int = 0
 
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRecord:
+        data: dict[str, Any] = json.loads(text)
+        spec = data.pop("spec")
+        spec["models"], spec["ks"] = tuple(spec["models"]), tuple(spec["ks"])
+        known = {f.name for f in dataclasses.fields(RunSpec)}
+        data["reports"] = tuple(data.get("reports", ()))
+        return cls(spec=RunSpec(**{k: v for k, v in spec.items() if k in known}), **data)
+
 
 class EvaluatorMetrics:
     """Domain metrics of the evaluator (prefix ``evaluator_``)."""
@@ -54,24 +82,82 @@ class EvaluatorMetrics:
             self.runs.labels(status)
 
 
-class RunManager:
-    """Runs specs on a pool of ``max_concurrent`` workers; watchers see every state change."""
+def describe_failure(exc: BaseException) -> str:
+    """What a run's ``error`` says: a domain error's own sentence, else the type and message of an
+    internal fault (logged with its traceback)."""
+    if isinstance(exc, ServiceError):
+        return exc.message
+    return f"internal error: {type(exc).__name__}: {exc}"
 
-    def __init__(self, runner: Callable[[], Runner], max_concurrent: int, metrics: EvaluatorMetrics) -> None:
+
+class RunManager:
+    """Runs specs on a pool of ``max_concurrent`` workers; watchers see every state change.
+
+    Args:
+        runner: makes the runner that executes a spec (one per run).
+        max_concurrent: runs executed at once; the others wait QUEUED.
+        metrics: where run counts and durations go.
+        state_dir: where run records persist (None: memory only, for tests).
+        max_runs_kept: finished runs remembered; the oldest are forgotten first.
+    """
+
+    def __init__(self, runner: Callable[[], Runner], max_concurrent: int, metrics: EvaluatorMetrics,
+                 state_dir: Path | None = None, max_runs_kept: int = 1000) -> None:
         self._runner = runner
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="run")
         self._runs: dict[str, RunRecord] = {}
         self._cancel: dict[str, threading.Event] = {}
         self._changed = threading.Condition()
         self._metrics = metrics
+        self._state_dir = state_dir
+        self._max_kept = max_runs_kept
+        if state_dir is not None:
+            self._recover(state_dir)
 
-    def _update(self, run_id: str, **changes: object) -> RunRecord:
+    # -- persistence -------------------------------------------------------------------------------
+
+    def _recover(self, state_dir: Path) -> None:
+        """Loads the kept records; runs that were queued or running are now FAILED (interrupted)."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(state_dir.glob("*.json")):
+            try:
+                record = RunRecord.from_json(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable run record %s: %s", path, exc)
+                continue
+            if record.state not in TERMINAL:
+                record = replace(record, state=FAILED, finished=time.time(), reports=(),
+                                 error=f"interrupted: the evaluator stopped while the run was {record.state}; "
+                                       "start it again (models whose embedding finished come from the cache)")
+                self._persist(record)
+            self._runs[record.id] = record
+        self._forget_oldest()
+
+    def _persist(self, record: RunRecord) -> None:
+        if self._state_dir is not None:
+            atomic_write_text(self._state_dir / f"{record.id}.json", record.to_json())
+
+    def _forget_oldest(self) -> None:
+        finished = sorted((r for r in self._runs.values() if r.state in TERMINAL), key=lambda r: (r.created, r.id))
+        for record in finished[: max(0, len(finished) - self._max_kept)]:
+            del self._runs[record.id]
+            self._cancel.pop(record.id, None)
+            if self._state_dir is not None:
+                (self._state_dir / f"{record.id}.json").unlink(missing_ok=True)
+
+    def _update(self, run_id: str, persist: bool = False, **changes: object) -> RunRecord:
         with self._changed:
             record = replace(self._runs[run_id], **changes)  # type: ignore[arg-type]
             record = replace(record, version=record.version + 1)
             self._runs[run_id] = record
+            if persist:
+                self._persist(record)
+                if record.state in TERMINAL:
+                    self._forget_oldest()
             self._changed.notify_all()
             return record
+
+    # -- runs ----------------------------------------------------------------------------------------
 
     def start(self, spec: RunSpec) -> RunRecord:
         """Validates and queues a run; bad specs fail here, not later."""
@@ -81,6 +167,7 @@ class RunManager:
         with self._changed:
             self._runs[run_id] = record
             self._cancel[run_id] = threading.Event()
+            self._persist(record)
         self._metrics.in_progress.inc()
         self._pool.submit(self._execute, run_id)
         return record
@@ -92,22 +179,26 @@ class RunManager:
         try:
             if cancelled.is_set():
                 raise Cancelled("cancelled before it started")
-            self._update(run_id, state=RUNNING)
+            self._update(run_id, persist=True, state=RUNNING)
 
             def progress(stage: str, done: int, total: int, message: str) -> None:
                 self._update(run_id, stage=stage, done=done, total=total, message=message)
 
-            results: list[ModelResult] = self._runner().run(self._runs[run_id].spec, progress, cancelled)
+            results: list[ModelResult] = self._runner().run(self._runs[run_id].spec, progress, cancelled,
+                                                            run_id=run_id)
             metrics = {f"{r.model}/{k}": v for r in results for k, v in r.metrics.items()}
             status = SUCCEEDED
-            self._update(run_id, state=SUCCEEDED, metrics=metrics, reports=tuple(str(r.report_path) for r in results),
-                         finished=time.time())
+            self._update(run_id, persist=True, state=SUCCEEDED, metrics=metrics,
+                         reports=tuple(str(r.report_path) for r in results), finished=time.time())
         except Cancelled as exc:
             status = CANCELLED
-            self._update(run_id, state=CANCELLED, error=exc.message, finished=time.time())
+            self._update(run_id, persist=True, state=CANCELLED, error=exc.message, finished=time.time())
         except Exception as exc:
-            log.exception("run %s failed", run_id)
-            self._update(run_id, state=FAILED, error=f"{type(exc).__name__}: {exc}", finished=time.time())
+            if not isinstance(exc, ServiceError):
+                log.exception("run %s failed", run_id)
+            else:
+                log.warning("run %s failed: %s", run_id, exc.message)
+            self._update(run_id, persist=True, state=FAILED, error=describe_failure(exc), finished=time.time())
         finally:
             self._metrics.runs.labels(status).inc()
             self._metrics.run_seconds.observe(time.time() - start)
@@ -116,12 +207,35 @@ class RunManager:
     def get(self, run_id: str) -> RunRecord:
         with self._changed:
             if run_id not in self._runs:
-                raise NotFound(f"no run {run_id!r}")
+                raise NotFound(f"no run {run_id!r} (finished runs are kept up to EVALUATOR_MAX_RUNS_KEPT)")
             return self._runs[run_id]
 
-    def list(self) -> list[RunRecord]:
+    def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[RunRecord], str]:
+        """One page of runs, newest first, and the token of the next page ('' when there is none).
+
+        Raises:
+            InvalidArgument: a page size over ``MAX_PAGE_SIZE``, or a token this server did not give.
+        """
+        if page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size {page_size} is over the maximum of {MAX_PAGE_SIZE}")
+        size = page_size or DEFAULT_PAGE_SIZE
+        after: tuple[float, str] | None = None
+        if page_token:
+            try:
+                created, run_id = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+                after = (float(created), str(run_id))
+            except (ValueError, TypeError, binascii.Error):
+                raise InvalidArgument("page_token is not one this server gave (take next_page_token "
+                                      "from the previous response)") from None
         with self._changed:
-            return sorted(self._runs.values(), key=lambda r: r.created)
+            ordered = sorted(self._runs.values(), key=lambda r: (r.created, r.id), reverse=True)
+        if after is not None:
+            ordered = [r for r in ordered if (r.created, r.id) < after]
+        page = ordered[:size]
+        more = len(ordered) > size
+        token = base64.urlsafe_b64encode(json.dumps([page[-1].created, page[-1].id]).encode()).decode() \
+            if more and page else ""
+        return page, token
 
     def cancel(self, run_id: str) -> RunRecord:
         record = self.get(run_id)
@@ -129,7 +243,8 @@ class RunManager:
             raise FailedPrecondition(f"run {run_id} already {record.state}")
         self._cancel[run_id].set()
         if record.state == QUEUED:
-            return self._update(run_id, state=CANCELLED, error="cancelled before it started", finished=time.time())
+            return self._update(run_id, persist=True, state=CANCELLED, error="cancelled before it started",
+                                finished=time.time())
         return record
 
     def watch(self, run_id: str, is_active: Callable[[], bool] = lambda: True) -> Iterator[RunRecord]:

@@ -7,12 +7,14 @@ from collections.abc import Iterator
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.unknown_fields import UnknownFieldSet
 from prometheus_client import CollectorRegistry
 from retrieval.v1 import evaluator_pb2, evaluator_pb2_grpc
 
+from services.common.clients import ClientTLS, EncoderClient, Endpoint, SearchClient
+from services.common.errors import InvalidArgument
 from services.common.server import RunningServer, ServiceRegistration, create_server
 from services.evaluator.cache import EmbeddingCache
-from services.evaluator.clients import EncoderClient, SearchClient
 from services.evaluator.config import EvaluatorSettings
 from services.evaluator.datasets import resolve_allowed
 from services.evaluator.runner import CATALOGUE_QUERY, LEAVE_ONE_OUT, Runner, RunSpec
@@ -40,15 +42,23 @@ _STATE = {QUEUED: evaluator_pb2.RUN_STATE_QUEUED, RUNNING: evaluator_pb2.RUN_STA
 
 
 def spec_from_proto(spec: evaluator_pb2.RunSpec) -> RunSpec:
+    """The run spec of a request; an unknown protocol, or a report path (the removed ``output_dir``,
+    field 7, sent by an old client), is INVALID_ARGUMENT."""
+    if spec.protocol not in _PROTOCOL_IN:
+        raise InvalidArgument(f"run spec: unknown protocol value {spec.protocol}")
+    if any(f.field_number == 7 for f in UnknownFieldSet(spec)):  # type: ignore[attr-defined]
+        raise InvalidArgument("run spec: output_dir is no longer accepted: the server decides where reports go "
+                              "(EVALUATOR_OUTPUT_DIR); name the run with run_name instead")
     return RunSpec(dataset=spec.dataset, models=tuple(spec.models), protocol=_PROTOCOL_IN[spec.protocol],
                    catalogue=spec.catalogue, queries=spec.queries, ks=tuple(spec.ks) or RunSpec.ks,
-                   output_dir=spec.output_dir)
+                   name=spec.dataset_name, tsne=spec.tsne if spec.HasField("tsne") else True,
+                   run_name=spec.run_name)
 
 
 def spec_to_proto(spec: RunSpec) -> evaluator_pb2.RunSpec:
     return evaluator_pb2.RunSpec(dataset=spec.dataset, models=list(spec.models), protocol=_PROTOCOL_OUT[spec.protocol],
                                  catalogue=spec.catalogue, queries=spec.queries, ks=list(spec.ks),
-                                 output_dir=spec.output_dir)
+                                 dataset_name=spec.name, tsne=spec.tsne, run_name=spec.run_name)
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
@@ -93,25 +103,35 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
 
     def ListRuns(self, request: evaluator_pb2.ListRunsRequest,
                  context: grpc.ServicerContext) -> evaluator_pb2.ListRunsResponse:
-        return evaluator_pb2.ListRunsResponse(runs=[run_to_proto(r) for r in self.manager.list()])
+        runs, token = self.manager.list(request.page_size, request.page_token)
+        return evaluator_pb2.ListRunsResponse(runs=[run_to_proto(r) for r in runs], next_page_token=token)
 
     def CancelRun(self, request: evaluator_pb2.CancelRunRequest,
                   context: grpc.ServicerContext) -> evaluator_pb2.CancelRunResponse:
         return evaluator_pb2.CancelRunResponse(run=run_to_proto(self.manager.cancel(request.run_id)))
 
 
+def upstream_endpoints(settings: EvaluatorSettings) -> tuple[Endpoint, Endpoint]:
+    """How the evaluator reaches the encoder and the search service (token, TLS, deadline)."""
+    tls = ClientTLS.from_files(settings.service_tls_ca_file, settings.service_tls_cert_file,
+                               settings.service_tls_key_file)
+    return tuple(Endpoint(address, token=settings.service_token, tls=tls,  # type: ignore[return-value]
+                          timeout=settings.rpc_timeout_seconds)
+                 for address in (settings.encoder_address, settings.search_address))
+
+
 def make_runner(settings: EvaluatorSettings) -> Runner:
     """A runner wired to the encoder and search services named in ``settings``."""
-    return Runner(EncoderClient(settings.encoder_address, settings.rpc_timeout_seconds, settings.service_token),
-                  SearchClient(settings.search_address, settings.rpc_timeout_seconds, settings.service_token),
-                  EmbeddingCache(settings.cache_dir), settings.allowed_roots, settings.output_dir,
-                  embed_batch=settings.embed_batch, query_concurrency=settings.query_concurrency)
+    encoder, search = upstream_endpoints(settings)
+    return Runner(EncoderClient(encoder), SearchClient(search), EmbeddingCache(settings.cache_dir),
+                  settings.allowed_roots, settings.output_dir, embed_batch=settings.embed_batch)
 
 
 def create_evaluator_server(settings: EvaluatorSettings) -> tuple[RunningServer, RunManager]:
     """Starts the evaluator server (SERVING at once: it checks the other services when a run starts)."""
     registry = CollectorRegistry()
-    manager = RunManager(lambda: make_runner(settings), settings.max_concurrent_runs, EvaluatorMetrics(registry))
+    manager = RunManager(lambda: make_runner(settings), settings.max_concurrent_runs, EvaluatorMetrics(registry),
+                         state_dir=settings.state_dir, max_runs_kept=settings.max_runs_kept)
     servicer = EvaluatorServicer(manager, settings)
     running = create_server(settings, [ServiceRegistration(
         SERVICE, lambda srv: evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server(servicer, srv))],

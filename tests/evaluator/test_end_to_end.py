@@ -4,62 +4,19 @@ Edge) + evaluator, driven over gRPC, checked against a per-query sklearn referen
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from retrieval.v1 import evaluator_pb2, evaluator_pb2_grpc
+from retrieval.v1 import evaluator_pb2
 from sklearn.metrics import average_precision_score
 
-from services.common.client import channel, wait_serving
-from services.encoder.config import EncoderSettings
-from services.encoder.servicer import create_encoder_server
 from services.evaluator.cache import EmbeddingCache, cache_key
 from services.evaluator.config import EvaluatorSettings
 from services.evaluator.datasets import check_images, read_list
-from services.evaluator.servicer import create_evaluator_server
-from services.search.config import SearchSettings
-from services.search.servicer import create_search_server
-from tests.conftest import sample_caltech
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 Caltech-101 classes x 8 images, copied into a dataset folder with its list_of_images.txt."""
-    root = tmp_path_factory.mktemp("caltech-sample")
-    lines = []
-    for path, label in sample_caltech(classes=6, per_class=8, seed=11):
-        rel = f"images/{label}/{path.name}"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, root / rel)
-        lines.append(f"{rel}\t{label}")
-    (root / "list_of_images.txt").write_text("\n".join(lines) + "\n")
-    return root
-
-
-@pytest.fixture(scope="module")
-def stack(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EvaluatorSettings, object]]:
-    work = tmp_path_factory.mktemp("stack")
-    encoder, encoder_core = create_encoder_server(EncoderSettings(port=0, metrics_port=-1), background=False)
-    search, search_core = create_search_server(SearchSettings(port=0, metrics_port=-1, data_dir=work / "qdrant"))
-    settings = EvaluatorSettings(port=0, metrics_port=-1, encoder_address=f"127.0.0.1:{encoder.port}",
-                                 search_address=f"127.0.0.1:{search.port}", allowed_roots=[dataset],
-                                 output_dir=work / "reports", cache_dir=work / "cache")
-    evaluator, manager = create_evaluator_server(settings)
-    chan = channel(f"127.0.0.1:{evaluator.port}")
-    wait_serving(chan, timeout=60)
-    yield settings, evaluator_pb2_grpc.EvaluatorServiceStub(chan)
-    chan.close()
-    for server in (evaluator, search, encoder):
-        server.stop(0)
-    manager.close()
-    search_core.close()
-    encoder_core.close()
 
 
 def _run(stub: object, spec: evaluator_pb2.RunSpec) -> evaluator_pb2.Run:

@@ -20,7 +20,7 @@ class FakeRunner:
         self.gate = gate
         self.fail = fail
 
-    def run(self, spec: RunSpec, progress: object, cancelled: threading.Event) -> list[ModelResult]:
+    def run(self, spec: RunSpec, progress: object, cancelled: threading.Event, run_id: str = "") -> list[ModelResult]:
         for step in range(3):
             progress("embedding", step, 3, spec.models[0])  # type: ignore[operator]
             self.gate.wait(5)

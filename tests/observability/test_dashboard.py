@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from retrieval.v1 import encoder_pb2, encoder_pb2_grpc, evaluator_pb2, evaluator_pb2_grpc, search_pb2, search_pb2_grpc
 
-from services.common.client import channel, wait_serving
+from services.common.clients import channel, wait_serving
 from services.encoder.config import EncoderSettings
 from services.encoder.servicer import create_encoder_server
 from services.evaluator.config import EvaluatorSettings

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from retrieval.v1 import encoder_pb2, encoder_pb2_grpc, evaluator_pb2, evaluator_pb2_grpc, search_pb2, search_pb2_grpc
 
-from services.common.client import channel
+from services.common.clients import channel
 from services.stack import SERVICES, Stack, StackConfig
 from tests.conftest import require_binary
 from tests.encoder.images import jpeg

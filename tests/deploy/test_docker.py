@@ -18,8 +18,14 @@ from tests.deploy.manifests import DEPLOY, REPO, Obj, image_name_tag, our_contai
 DOCKER = DEPLOY / "docker"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
-# Image tag -> the Dockerfile that builds it (deploy/docker/build.sh tags them so).
-VARIANTS = {VERSION: DOCKER / "Dockerfile.cpu", f"{VERSION}-cuda": DOCKER / "Dockerfile.cuda"}
+# Image (name:tag) -> the Dockerfile that builds it (deploy/docker/build.sh tags them so).
+VARIANTS = {f"retrieval-platform:{VERSION}": DOCKER / "Dockerfile.cpu",
+            f"retrieval-platform-cuda:{VERSION}": DOCKER / "Dockerfile.cuda",
+            f"retrieval-platform-slim:{VERSION}": DOCKER / "Dockerfile.slim"}
+# What each one installs: the encoder's images the `encoder` extra (torch, the models), slim the core only.
+INSTALLS = {DOCKER / "Dockerfile.cpu": ".[encoder]", DOCKER / "Dockerfile.cuda": ".[encoder]",
+            DOCKER / "Dockerfile.slim": "."}
+SLIM = f"retrieval-platform-slim:{VERSION}"
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -33,7 +39,7 @@ def pip_installs(command: str) -> list[tuple[list[str], bool]]:
     """(targets, editable) of each `pip install` in a shell command line (options dropped)."""
     found = []
     for part in re.split(r"&&|;|\n", command):
-        words = shlex.split(part)
+        words = shlex.split(part, comments=True)
         if "pip" in words and words[words.index("pip") + 1:words.index("pip") + 2] == ["install"]:
             args = words[words.index("pip") + 2:]
             found.append(([a for a in args if not a.startswith("-")], "-e" in args or "--editable" in args))
@@ -56,10 +62,10 @@ def package_roots() -> set[str]:
 def test_installs_the_package_as_the_readme_does(dockerfile: Path) -> None:
     steps = instructions(dockerfile)
     readme = [t for t, _ in pip_installs((REPO / "scripts" / "setup.sh").read_text()) if t != ["pip"]]
-    assert readme == [[".[dev]"]], "scripts/setup.sh (the README's install) changed: update this test"
+    assert readme == [[".[encoder,dev]"]], "scripts/setup.sh (the README's install) changed: update this test"
     installs = [i for op, rest in steps if op == "RUN" for i in pip_installs(rest) if i[0] != ["pip"]]
     # The same target as the README, the repository itself, but not editable and without the dev extra.
-    assert installs == [(["."], False)], installs
+    assert installs == [([INSTALLS[dockerfile]], False)], installs
     copied = {src.rstrip("/").removeprefix("./") for op, rest in steps if op == "COPY" and "--from" not in rest
               for src in shlex.split(rest)[:-1]}
     assert package_roots() <= copied, f"not copied into the build: {package_roots() - copied}"
@@ -78,32 +84,44 @@ def test_runs_non_root_offline_with_the_retrieval_entrypoint(dockerfile: Path) -
     assert "HF_HUB_OFFLINE=1" in env.split()
 
 
-def test_cuda_image_uses_a_cuda_base_and_cpu_image_a_python_one() -> None:
+def test_cuda_image_uses_a_cuda_base_and_the_others_a_python_one() -> None:
     def bases(path: Path) -> set[str]:
         return {rest.split()[0] for op, rest in instructions(path) if op == "FROM"}
-    assert all(b.startswith("nvidia/cuda:") for b in bases(VARIANTS[f"{VERSION}-cuda"]))
-    assert all(b.startswith("python:3.11") for b in bases(VARIANTS[VERSION]))
+    assert all(b.startswith("nvidia/cuda:") for b in bases(VARIANTS[f"retrieval-platform-cuda:{VERSION}"]))
+    assert all(b.startswith("python:3.11") for b in bases(VARIANTS[f"retrieval-platform:{VERSION}"]))
+    assert all(b.startswith("python:3.11") for b in bases(VARIANTS[SLIM]))
+
+
+def test_the_slim_image_installs_no_encoder_dependency() -> None:
+    """The core dependencies hold none of the encoder extra's packages (torch, torchvision, the models)."""
+    project = PYPROJECT["project"]
+    core = {re.split(r"[=<>\[; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    encoder = {re.split(r"[=<>\[; ]", d, maxsplit=1)[0].lower() for d in project["optional-dependencies"]["encoder"]}
+    assert {"torch", "torchvision", "timm", "open-clip-torch", "transformers"} <= encoder
+    assert not core & encoder
 
 
 def test_build_script_tags_what_the_manifests_use() -> None:
     script = (DOCKER / "build.sh").read_text()
-    builds = re.findall(r'docker build -f (\S+) -t "\$name:\$version([^"]*)"', script)
-    assert {(REPO / path, f"{VERSION}{suffix}") for path, suffix in builds} == {
-        (path, tag) for tag, path in VARIANTS.items()}
+    builds = re.findall(r'docker build -f (\S+) -t "\$name([^:]*):\$version"', script)
+    assert {(REPO / path, f"retrieval-platform{suffix}:{VERSION}") for path, suffix in builds} == {
+        (path, image) for image, path in VARIANTS.items()}
     assert 'version=$(sed -n' in script and "pyproject.toml" in script
 
 
 def test_manifest_images_are_the_ones_built(rendered: dict[str, list[Obj]]) -> None:
     # The pods' runAsUser is the UID each image was built to run as (its USER line).
-    uids = {tag: rest.split(":")[0]
-            for tag, path in VARIANTS.items() for op, rest in instructions(path) if op == "USER"}
+    uids = {image: rest.split(":")[0]
+            for image, path in VARIANTS.items() for op, rest in instructions(path) if op == "USER"}
     seen = set()
     for name, objs in rendered.items():
         for pod, container, service in our_containers(objs):
-            _, tag = image_name_tag(container["image"])
-            assert tag in VARIANTS, f"{name} {pod.name}: {container['image']} is not built by deploy/docker"
-            # Only the encoder needs CUDA; the other services run the CPU image.
-            assert service == "encoder" or not tag.endswith("-cuda"), f"{name} {pod.name}"
-            assert str(pod.spec["securityContext"]["runAsUser"]) == uids[tag], f"{name} {pod.name}: not the image's UID"
-            seen.add(tag)
+            repository, tag = image_name_tag(container["image"])
+            image = f"{repository.rsplit('/', 1)[-1]}:{tag}"
+            assert image in VARIANTS, f"{name} {pod.name}: {container['image']} is not built by deploy/docker"
+            # Only the encoder needs torch; everything else runs the slim image.
+            assert (service == "encoder") == (image != SLIM), f"{name} {pod.name}: {service} runs {image}"
+            uid = str(pod.spec["securityContext"]["runAsUser"])
+            assert uid == uids[image], f"{name} {pod.name}: not the image's UID"
+            seen.add(image)
     assert seen == set(VARIANTS)

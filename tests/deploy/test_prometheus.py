@@ -26,6 +26,20 @@ SYNC_SCRIPT = DEPLOY / "prometheus" / "sync_prometheusrule.py"
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint"}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
                 "bool", "offset", "inf", "nan"}
+# Series of other exporters the alerts read, with their labels: Qdrant's /metrics (docs "Monitoring";
+# src/common/metrics.rs), the kubelet's volume statistics and kube-state-metrics (docs/metrics), as
+# kube-prometheus-stack scrapes them (namespace, pod... come as target labels).
+EXTERNAL_SERIES: dict[str, set[str]] = {
+    "cluster_peers_total": set(),
+    "cluster_pending_operations_total": {"peer_id"},
+    "kubelet_volume_stats_available_bytes": {"persistentvolumeclaim"},
+    "kubelet_volume_stats_capacity_bytes": {"persistentvolumeclaim"},
+    "kube_pod_container_status_restarts_total": {"container", "uid"},
+    "kube_horizontalpodautoscaler_status_current_replicas": {"horizontalpodautoscaler"},
+    "kube_horizontalpodautoscaler_spec_max_replicas": {"horizontalpodautoscaler"},
+}
+README = DEPLOY / "README.md"
+RUNBOOK_BASE = "https://git.example.com/retrieval-platform/blob/main/deploy/README.md#"
 
 
 def promtool() -> str:
@@ -44,7 +58,7 @@ def exported() -> dict[str, set[str]]:
     # prometheus_client keeps a metric's label names only on the metric object (`_labelnames`).
     labels = {m._name: set(m._labelnames) for m in metrics if hasattr(m, "_labelnames")}
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
-    series: dict[str, set[str]] = {"up": set()}
+    series: dict[str, set[str]] = {"up": set(), **EXTERNAL_SERIES}
     for family in registry.collect():
         for suffix in suffixes.get(family.type, [""]):
             series[family.name + suffix] = labels.get(family.name, set()) | ({"le"} if suffix == "_bucket" else set())
@@ -84,6 +98,32 @@ def test_rules_read_only_series_the_code_exports() -> None:
     read = {m for r in rules() for m, _ in selectors(r["expr"])}
     assert {"grpc_server_handled_total", "grpc_server_handling_seconds_bucket", "encoder_queue_depth",
             "encoder_queue_capacity", "up"} <= read
+
+
+def _anchor(heading: str) -> str:
+    """The fragment GitHub and GitLab give a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    anchors = {_anchor(line.lstrip("#")) for line in README.read_text().splitlines() if line.startswith("#")}
+    alerts = [r for r in rules() if "alert" in r]
+    assert len(alerts) >= 11
+    problems = []
+    for rule in alerts:
+        url = rule.get("annotations", {}).get("runbook_url", "")
+        if not url.startswith(RUNBOOK_BASE) or url.removeprefix(RUNBOOK_BASE) not in anchors:
+            problems.append(f"{rule['alert']}: runbook_url {url!r} is not a section of deploy/README.md")
+    assert problems == []
+    assert _anchor("RetrievalTargetDown") == "retrievaltargetdown" and "retrievaltargetdownx" not in anchors
+
+
+def test_one_pod_down_warns_and_most_pods_down_pages() -> None:
+    by_name = {r["alert"]: r for r in rules() if "alert" in r}
+    assert by_name["RetrievalTargetDown"]["labels"]["severity"] == "warning"
+    assert by_name["RetrievalServiceDown"]["labels"]["severity"] == "critical"
+    assert {"QdrantPeerMissing", "QdrantConsensusStuck", "RetrievalVolumeFillingUp", "RetrievalPodRestarting",
+            "RetrievalAutoscalerAtMax"} <= set(by_name)
 
 
 def test_a_rule_on_a_missing_metric_would_be_caught() -> None:

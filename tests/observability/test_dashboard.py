@@ -37,7 +37,15 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Grafana unit ids used here (packages/grafana-data/src/valueFormats/categories.ts): a typo renders raw numbers.
 GRAFANA_UNITS = {"none", "short", "percentunit", "s", "bytes", "reqps", "cps", "ops"}
 # What Grafana substitutes before the query reaches Prometheus; `service` is handled per value.
-GRAFANA_VARIABLES = {"__rate_interval": "1m"}
+GRAFANA_VARIABLES = {"__rate_interval": "1m", "namespace": "retrieval"}
+# The namespace the simulated scrapes carry as a target label, as the ServiceMonitors give it in Kubernetes.
+NAMESPACE = "retrieval"
+# Series of other exporters that the Qdrant row reads (Qdrant's /metrics, the kubelet, kube-state-metrics):
+# no service here exports them, so only their names are known (tests/deploy/test_prometheus.py lists them).
+EXTERNAL_SERIES = {"cluster_peers_total", "cluster_pending_operations_total", "kubelet_volume_stats_available_bytes",
+                   "kubelet_volume_stats_capacity_bytes", "kube_pod_container_status_restarts_total",
+                   "kube_horizontalpodautoscaler_status_current_replicas",
+                   "kube_horizontalpodautoscaler_spec_max_replicas"}
 
 Dashboard = dict[str, Any]
 Panel = dict[str, Any]
@@ -270,7 +278,7 @@ class Scrape:
     @classmethod
     def parse(cls, job: str, instance: str, text: str) -> Scrape:
         scrape = cls(job)
-        target = {"job": job, "instance": instance}
+        target = {"job": job, "instance": instance, "namespace": NAMESPACE}
         for family in text_string_to_metric_families(text):
             # The parser strips a counter's _total from the family name; its samples keep it.
             for suffix in _SUFFIXES.get(family.type, ("",)):
@@ -312,6 +320,8 @@ def check_selector(selector: Selector, scrapes: Mapping[str, Scrape], rules: Map
         for inner in selectors(rules[selector.name]):
             problems += check_selector(inner, scrapes, rules, seen | {selector.name})
         return problems
+    if selector.name in EXTERNAL_SERIES or Matcher("job", "=", "qdrant") in selector.matchers:
+        return []  # other exporters' series, and Qdrant's scrape (`up{job="qdrant"}`): not scraped here
     if not any(selector.name in s.families for s in scrapes.values()):
         return [f"{selector}: no service exports a series named {selector.name}"]
     samples = [labels for s in scrapes.values() for name, labels in s.samples if name == selector.name]
@@ -375,6 +385,26 @@ def test_dashboard_is_importable_with_datasource_and_service_variables() -> None
     # `job` and not grpc_service: it is on every series (domain metrics and `up` too) and the alerts say job=...
     assert re.sub(r"\s", "", variable_query(service)) == "label_values(grpc_server_handled_total,job)"
     assert service["multi"] and service["includeAll"], "the RED row repeats once per selected service"
+
+
+def test_every_query_is_scoped_to_the_namespace_variable() -> None:
+    dashboard = load_dashboard()
+    namespace = variables(dashboard)["namespace"]
+    assert re.sub(r"\s", "", variable_query(namespace)) == "label_values(up,namespace)"
+    assert namespace["multi"] and namespace["includeAll"] and namespace["allValue"] == ".*"
+    unscoped = [(title, str(s)) for title, expr in expressions(dashboard)
+                for s in selectors(substitute(expr, {**GRAFANA_VARIABLES, "service": "encoder"}))
+                if Matcher("namespace", "=~", NAMESPACE) not in s.matchers]
+    assert unscoped == []
+
+
+def test_a_qdrant_row_charts_the_cluster() -> None:
+    qdrant = [panels for row, panels in rows(load_dashboard()) if row["title"].startswith("Qdrant")]
+    assert len(qdrant) == 1
+    exprs = [substitute(t["expr"], GRAFANA_VARIABLES) for p in qdrant[0] for t in p["targets"]]
+    read = {s.name for e in exprs for s in selectors(e)}
+    assert {"cluster_peers_total", "cluster_pending_operations_total", "kubelet_volume_stats_available_bytes",
+            "namespace_job:encoder_queue_saturation:sum"} <= read
 
 
 def test_every_panel_has_title_unit_description_and_the_datasource_variable() -> None:
@@ -578,13 +608,13 @@ def _mutated(old: str, new: str) -> Dashboard:
 
 @pytest.mark.parametrize(("old", "new", "expected"), [
     ("encoder_batch_size_bucket", "encoder_batchsize_bucket", "no service exports a series named encoder_batchsize"),
-    ("sum by (instance, model) (encoder_queue_depth)", "sum by (instance, model) (encoder_queue_depth_bucket)",
+    ("sum by (instance, model) (encoder_queue_depth{", "sum by (instance, model) (encoder_queue_depth_bucket{",
      "no service exports a series named encoder_queue_depth_bucket"),  # a gauge has no buckets
     ('grpc_type="unary"', 'grpc_type="Unary"', "no exported sample matches"),
     ('grpc_code!="OK"', 'grpc_status!="OK"', "has no label grpc_status"),  # would match everything silently
     ("job_grpc_service:grpc_server_error_ratio:rate5m{", "job_grpc_service:grpc_server_error_rate:rate5m{",
      "no service exports a series named job_grpc_service:grpc_server_error_rate:rate5m"),
-    ("instance_model:encoder_queue_saturation:ratio", 'instance_model:encoder_queue_saturation:ratio{stage="x"}',
+    ("instance_model:encoder_queue_saturation:ratio{", 'instance_model:encoder_queue_saturation:ratio{stage="x", ',
      "has no label stage"),  # the recording rule aggregates it away
     ("[$__rate_interval]", "[$__rate_intervall]", "unknown dashboard variable"),
 ], ids=["misspelt-metric", "suffix-on-a-gauge", "wrong-label-value", "unknown-label", "misspelt-rule",

@@ -1,6 +1,6 @@
 """Builds the HNSW index of a copied Edge shard in a child process, off the search service's GIL.
 
-Usage: ``python -m services.search.edge_build SHARD_DIR [--nice N]``. Loads the shard (replaying
+Usage: ``python -m services.search.edge_build SHARD_DIR [--nice N] [--parent PID]``. Loads the shard (replaying
 its write-ahead log), runs ``EdgeShard.optimize`` until nothing is left to optimise, closes it,
 fsyncs every file and directory under ``SHARD_DIR`` and prints one JSON line::
 
@@ -30,9 +30,8 @@ DEFAULT_NICENESS = 10
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def die_with_parent() -> None:
-    """Has the kernel SIGKILL this process when its parent exits (Linux; a no-op elsewhere)."""
-    parent = os.getppid()
+def die_with_parent(parent: int) -> None:
+    """Has the kernel SIGKILL this process when its parent (pid ``parent``) exits (Linux; a no-op elsewhere)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
@@ -87,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shard_dir", type=Path)
     parser.add_argument("--nice", type=int, default=DEFAULT_NICENESS, help="niceness increment (0: none)")
+    parser.add_argument("--parent", type=int, default=0, help="pid of the service: die with it (0: the parent now)")
     args = parser.parse_args(argv)
-    die_with_parent()
+    die_with_parent(args.parent or os.getppid())
     if args.nice:
         os.nice(args.nice)
     result = build(args.shard_dir)

@@ -103,13 +103,14 @@ _REPLAY_UNDER_LOCK = 4
 # The directory that holds the ``services`` package, so that the child can import it however the
 # service was started (installed, PYTHONPATH, or sys.path set by a script).
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-BUILD_STEPS = ("copied", "built", "loaded", "replayed", "flushed", "switched", "swapped", "removed")
+BUILD_STEPS = ("copied", "spawned", "built", "loaded", "replayed", "flushed", "switched", "swapped", "removed")
 """The steps of an index build, in order, as passed to ``EdgeStore``'s ``build_hook`` (tests kill the
-process at each to check crash safety): ``copied`` recording started; ``built`` the child finished;
-``loaded`` the new generation is open in the service; ``replayed`` all but the tail replayed;
-``flushed`` the tail replayed and the new shard flushed (writes held, ``current.json`` not yet
-switched); ``switched`` ``current.json`` names the new generation; ``swapped`` queries use the new
-shard; ``removed`` the old generation is closed and removed."""
+process at each to check crash safety): ``copied`` the copy is taken and writes are recorded;
+``spawned`` the child process started; ``built`` it finished; ``loaded`` the new generation is open
+in the service; ``replayed`` all but the tail of the recorded writes replayed onto it; ``flushed``
+the tail replayed and the new shard flushed (writes held, ``current.json`` not yet switched);
+``switched`` ``current.json`` names the new generation and queries use it (writes still held);
+``swapped`` writes go on; ``removed`` the old generation is closed and its directory removed."""
 
 
 def shard_dir_name(generation: int) -> str:
@@ -697,7 +698,7 @@ class EdgeStore:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(_PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
         command = [sys.executable, "-m", "services.search.edge_build", str(build.path),
-                   "--nice", str(self._build_niceness)]
+                   "--nice", str(self._build_niceness), "--parent", str(os.getpid())]
         # The child shares the data directory's flock: while it lives, no second store opens the
         # directory (should it outlive a SIGKILLed service despite PR_SET_PDEATHSIG). Its own session,
         # so that a terminal's Ctrl-C reaches the service, which then abandons the build.
@@ -706,6 +707,7 @@ class EdgeStore:
         build.process = process
         if build.abandoned:
             process.kill()
+        self._step("spawned")
         out, err = process.communicate()
         if build.abandoned:
             raise _Abandoned(build.abandoned)

@@ -1,10 +1,12 @@
 """Builds the HNSW index of a copied Edge shard in a child process, off the search service's GIL.
 
-Usage: ``python -m services.search.edge_build SHARD_DIR [--nice N] [--parent PID]``. Loads the shard (replaying
-its write-ahead log), runs ``EdgeShard.optimize`` until nothing is left to optimise, closes it,
-fsyncs every file and directory under ``SHARD_DIR`` and prints one JSON line::
+Usage: ``python -m services.search.edge_build SHARD_DIR [--nice N] [--parent PID]``. Loads the shard
+(replaying its write-ahead log), runs ``EdgeShard.optimize`` until nothing is left to optimise,
+closes it, fsyncs every file and directory under ``SHARD_DIR``, reads the files back into the page
+cache (for the service's load) and prints one JSON line (times in seconds)::
 
-    {"optimized": true, "points": 100000, "load_seconds": 0.4, "optimize_seconds": 48.2, "sync_seconds": 0.3}
+    {"optimized": true, "points": 100000, "load_seconds": 0.4, "optimize_seconds": 30.1,
+     "sync_seconds": 0.3, "cache_seconds": 0.3}
 
 Exit status 0 on success; anything else (with the error on stderr) is a failed build. The process
 lowers its own priority (``--nice``, default 10) so that the service it was started by wins the
@@ -64,8 +66,25 @@ def fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def read_tree(root: Path) -> None:
+    """Reads every regular file under ``root``, so that its pages are in the page cache.
+
+    ``EdgeShard.close`` drops the shard's pages from the cache, and the service's ``EdgeShard.load``
+    of this directory holds the GIL while it reads them back (100k x 384-d: 0.35 s from disk, 0.08 s
+    from the cache, measured); reading them here instead costs the service nothing.
+    """
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb", buffering=0) as fh:
+                while fh.read(1 << 20):
+                    pass
+
+
 def build(shard_dir: Path) -> dict[str, object]:
-    """Loads, optimises, closes and fsyncs the shard in ``shard_dir``; returns what happened (times in s)."""
+    """Loads, optimises, closes, fsyncs and re-reads the shard in ``shard_dir``; returns what happened (s)."""
     import qdrant_edge as qe  # after nice/prctl: the import itself takes a while
 
     start = time.monotonic()
@@ -78,8 +97,12 @@ def build(shard_dir: Path) -> dict[str, object]:
         shard.close()
     built = time.monotonic()
     fsync_tree(shard_dir)
+    synced = time.monotonic()
+    if optimized:  # else the service drops the copy
+        read_tree(shard_dir)
     return {"optimized": optimized, "points": points, "load_seconds": round(loaded - start, 3),
-            "optimize_seconds": round(built - loaded, 3), "sync_seconds": round(time.monotonic() - built, 3)}
+            "optimize_seconds": round(built - loaded, 3), "sync_seconds": round(synced - built, 3),
+            "cache_seconds": round(time.monotonic() - synced, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -669,6 +669,7 @@ class EdgeStore:
         """Copy, child, swap (the module docstring's steps 1-3) for ``build``; see ``_build``."""
         name = collection.meta.name
         shutil.rmtree(build.path, ignore_errors=True)  # an abandoned build's copy, should one be left
+        log.info("index build of %s (generation %d) started", name, build.generation)
         start = time.monotonic()
         with collection.write_lock:
             if build.abandoned:
@@ -732,7 +733,8 @@ class EdgeStore:
                 for operation in pending:
                     shard.update(operation)
                 applied += len(pending)
-            shard.flush()  # the first flush after a load is the slow one: not with writes held
+            if applied:
+                shard.flush()  # the first flush after a load is the slow one: not with writes held
             self._step("replayed")
             with collection.write_lock:
                 if build.abandoned:
@@ -742,7 +744,10 @@ class EdgeStore:
                 for operation in tail:
                     shard.update(operation)
                 applied += len(tail)
-                shard.flush()  # before the switch: a crash after it must find every acknowledged write
+                if applied:
+                    # Before the switch: a crash after it must find every acknowledged write. (The
+                    # copy itself was flushed and fsynced by the child.)
+                    shard.flush()
                 self._step("flushed")
                 old_shard, old_path = collection.shard, collection.shard_path
                 try:

@@ -14,10 +14,11 @@ held-out points of the same distribution.
    into a second collection, after which the service is killed with SIGKILL);
 4. the service restarted on that directory builds the second collection's index (its first build:
    ``--n`` x ``--dim``) while this process, a separate client, calls health Check and Search (on the
-   collection being built) alternately, one due every ``--probe-interval`` s, and Upserts a small
-   message into a third collection every ``--probe-upsert-interval`` s. Each call is timed from when
-   it was due, so a stalled service counts fully (no coordinated omission); build time is from
-   SERVING to the collection's status GREEN, as the client sees it;
+   collection being built) alternately, one due every ``--probe-interval`` s. Each call is timed
+   from when it was due, so a stalled service counts fully (no coordinated omission). The build's
+   start and end come from the service's log; the same calls before it are the comparison. (No
+   writes here: a synced Upsert holds the GIL for its fsync whether or not a build runs; writes
+   during a rebuild are ``benchmarks/search_restart.py``'s subject);
 5. qdrant-client local mode through the same core (brute force in Python/numpy).
 
 Latency is per single query (p50/p99 over ``--queries``); q/s single = 1 / mean latency; q/s batch
@@ -256,7 +257,7 @@ def through_service(data_dir: Path, catalogue: np.ndarray, classes: np.ndarray, 
 class BuildRun:
     """Step 4: the index build through the restarted service, as a client sees it (times in s).
 
-    ``probes`` and ``upserts`` hold (when the call was due, time.time(); its latency from then, s).
+    ``probes`` holds (when the call was due, time.time(); its latency from then, s).
     The build's own start and end come from the service's log (``index build of ... started`` and
     ``... s in all``); the probes due in between are the ones ``during`` reports.
     """
@@ -266,7 +267,6 @@ class BuildRun:
     build_start: float = 0.0  # time.time(), from the service's log; 0.0 if not found there
     build_end: float = 0.0
     probes: list[tuple[float, float]] = field(default_factory=list)
-    upserts: list[tuple[float, float]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     server_lines: list[str] = field(default_factory=list)  # the service's own log of the load and build
 
@@ -343,27 +343,14 @@ def build_through_service(data_dir: Path, args: argparse.Namespace) -> BuildRun:
                 "builds...")
             stub = search_pb2_grpc.SearchServiceStub(chan)
             health = health_pb2_grpc.HealthStub(chan)
-            stub.CreateCollection(search_pb2.CreateCollectionRequest(name="bench__writes", dim=args.dim))
             rng = np.random.default_rng(args.seed + 1)
             query = search_pb2.SearchRequest(collection="bench__ingest", limit=K,
                                              vector=rng.standard_normal(args.dim).tolist())
-            sent = [0]
-
-            def upsert() -> None:
-                vectors = rng.standard_normal((64, args.dim))
-                points = [search_pb2.Point(vector=v.tolist(), payload=search_pb2.Payload(
-                    dataset="writes", path=f"{sent[0] + i}.jpg")) for i, v in enumerate(vectors)]
-                stub.Upsert(iter([search_pb2.UpsertRequest(collection="bench__writes", points=points)]), timeout=60)
-                sent[0] += len(points)
-
             probes = [lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=60),
                       lambda: stub.Search(query, timeout=60)]
-            threads = [threading.Thread(target=paced, args=(probes, args.probe_interval, stop, run.probes,
-                                                            run.failures)),
-                       threading.Thread(target=paced, args=([upsert], args.probe_upsert_interval, stop,
-                                                            run.upserts, run.failures))]
-            for thread in threads:
-                thread.start()
+            prober = threading.Thread(target=paced, args=(probes, args.probe_interval, stop, run.probes,
+                                                          run.failures))
+            prober.start()
             info = search_pb2.GetCollectionRequest(name="bench__ingest")
             last_report = serving
             while stub.GetCollection(info, timeout=60).collection.status != search_pb2.INDEX_STATUS_GREEN:
@@ -373,12 +360,11 @@ def build_through_service(data_dir: Path, args: argparse.Namespace) -> BuildRun:
                     last_report = time.monotonic()
                     done = [latency for _, latency in run.probes]
                     log(f"  {last_report - serving:.0f} s after SERVING: {len(done)} health/search calls, p99 so far "
-                        f"{percentile_ms(done, 99):.1f} ms, {len(run.upserts)} upserts")
+                        f"{percentile_ms(done, 99):.1f} ms")
                 time.sleep(0.5)
             run.green_s = time.monotonic() - serving
             stop.set()
-            for thread in threads:
-                thread.join()
+            prober.join()
     finally:
         stop.set()
         server.terminate()
@@ -421,8 +407,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probe-interval", type=float, default=0.025,
                         help="step 4: s between health/Search calls due during the index build")
-    parser.add_argument("--probe-upsert-interval", type=float, default=0.5,
-                        help="step 4: s between Upserts (64 points each) due during the index build")
     parser.add_argument("--build-timeout", type=float, default=900, help="step 4: give up after this many s")
     args = parser.parse_args()
 
@@ -461,7 +445,6 @@ def main() -> None:
     overhead = grpc_row.p50_ms - edge.p50_ms
     during = built.during(built.probes)
     build_p99 = percentile_ms(during, 99)
-    writes = built.during(built.upserts)
     before = built.before(built.probes)
     window = (f"{built.build_end - built.build_start:.1f} s (the service's log: copy, child, swap)" if built.build_end
               else "unknown (no build lines in the service's log: every call counted)")
@@ -472,11 +455,8 @@ def main() -> None:
           f"p50 {percentile_ms(during, 50):.1f} ms, p99 {build_p99:.1f} ms, max {percentile_ms(during, 100):.0f} ms; "
           f"before it (same service, no build) {len(before)} calls, p50 {percentile_ms(before, 50):.1f} ms, "
           f"p99 {percentile_ms(before, 99):.1f} ms")
-    writes_before = built.before(built.upserts)
-    print(f"  Upserts of 64 points into another collection (fsync each): during the build {len(writes)}, "
-          f"p50 {percentile_ms(writes, 50):.1f} ms, p99 {percentile_ms(writes, 99):.1f} ms, "
-          f"max {percentile_ms(writes, 100):.0f} ms; before it {len(writes_before)}, "
-          f"p50 {percentile_ms(writes_before, 50):.1f} ms; {len(built.failures)} failed calls in all")
+    if built.failures:
+        print(f"  {len(built.failures)} failed calls")
     for line in built.server_lines:
         print(f"  service: {line}")
     for failure in built.failures[:5]:

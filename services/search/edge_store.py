@@ -663,6 +663,10 @@ class EdgeStore:
                      report.close_seconds)
             if self._on_index_built is not None:
                 self._on_index_built(collection.meta.name, report.total_seconds)
+        else:
+            log.info("index build of %s (generation %d): nothing to optimise, copy dropped; %.2f s in all; copy "
+                     "%.2f s, child %.2f s", collection.meta.name, report.generation, report.total_seconds,
+                     report.copy_seconds, report.child_seconds)
         return report
 
     def _run_build(self, collection: _Collection, build: _Build) -> BuildReport:

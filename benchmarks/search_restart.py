@@ -12,7 +12,8 @@
    Upserts 64 points into that same collection every ``--upsert-interval`` s (each acknowledged after
    fsync; recorded and replayed onto the new index) and calls health Check and Search alternately
    every ``--probe-interval`` s, all timed from when each call was due (``search.paced``), until the
-   service logs the build's end.
+   service logs the build's end. (Edge's flush, and so each synced Upsert, holds the GIL while it
+   fsyncs, build or not: the probes see those waits as well.)
 
 The last line is ``RESULT serving_after_restart_s=<s> load_s=<l> rebuild_s=<b> upsert_p99_ms=<u>
 probe_p99_ms=<p> lost_points=<0>``.
@@ -110,8 +111,8 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--ingest-batch", type=int, default=1024, help="points per Upsert stream")
     parser.add_argument("--index-idle-seconds", type=float, default=2.0, help="the restarted service's setting")
-    parser.add_argument("--upsert-interval", type=float, default=0.25, help="s between Upserts during the rebuild")
-    parser.add_argument("--probe-interval", type=float, default=0.025, help="s between health/Search calls")
+    parser.add_argument("--upsert-interval", type=float, default=0.5, help="s between Upserts during the rebuild")
+    parser.add_argument("--probe-interval", type=float, default=0.05, help="s between health/Search calls")
     parser.add_argument("--ef", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--build-timeout", type=float, default=900)

@@ -44,8 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from retrieval.v1 import search_pb2, search_pb2_grpc  # noqa: E402
 from search import BuildRun, free_port, log, make_data, paced, percentile_ms, read_build_log, serve  # noqa: E402
 
-from services.common.client import channel, wait_serving  # noqa: E402
-from services.search.client import upsert_messages  # noqa: E402
+from services.common.clients import channel, upsert_messages, wait_serving  # noqa: E402
 from services.search.store import point_id  # noqa: E402
 
 COLLECTION = "bench__ingest"  # the name search.read_build_log looks for
@@ -68,8 +67,8 @@ def ingest_and_kill(data_dir: Path, vectors: np.ndarray, args: argparse.Namespac
             stub.CreateCollection(search_pb2.CreateCollectionRequest(name=COLLECTION, dim=args.dim))
             start = time.perf_counter()
             for i in range(0, args.n, args.ingest_batch):
-                acked += stub.Upsert(upsert_messages(COLLECTION, messages[i:i + args.ingest_batch],
-                                                     max_points=args.ingest_batch)).upserted
+                acked += sum(a.upserted for a in stub.Upsert(upsert_messages(
+                    COLLECTION, messages[i:i + args.ingest_batch], max_points=args.ingest_batch)))
                 if (i // args.ingest_batch) % max(1, args.n // args.ingest_batch // 5) == 0:
                     log(f"  ingest without fsync: {acked}/{args.n}")
             seconds = time.perf_counter() - start
@@ -84,8 +83,8 @@ def ingest_and_kill(data_dir: Path, vectors: np.ndarray, args: argparse.Namespac
                     killed.wait(60)
 
             def cut() -> None:
-                with contextlib.suppress(grpc.RpcError):  # the server dies under it: never acknowledged
-                    stub.Upsert(cut_stream(), timeout=60)
+                with contextlib.suppress(grpc.RpcError):  # the server dies under it: what it acknowledged
+                    list(stub.Upsert(cut_stream(), timeout=60))  # before (the first message) stays
 
             writer = threading.Thread(target=cut)
             writer.start()
@@ -165,9 +164,9 @@ def main() -> None:
 
                 def upsert() -> None:
                     block = rng.standard_normal((64, args.dim))
-                    stub.Upsert(iter([search_pb2.UpsertRequest(collection=COLLECTION, points=[search_pb2.Point(
+                    list(stub.Upsert(iter([search_pb2.UpsertRequest(collection=COLLECTION, points=[search_pb2.Point(
                         vector=v.tolist(), payload=search_pb2.Payload(dataset="after", path=f"{sent[0] + j}.jpg"))
-                        for j, v in enumerate(block)])]), timeout=60)
+                        for j, v in enumerate(block)])]), timeout=60))
                     sent[0] += len(block)
 
                 search = search_pb2.SearchRequest(collection=COLLECTION, vector=query[0].tolist(), limit=10)

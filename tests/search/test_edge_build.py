@@ -19,7 +19,7 @@ import qdrant_edge as qe
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from retrieval.v1 import search_pb2, search_pb2_grpc
 
-from services.common.client import channel, wait_serving
+from services.common.clients import channel, wait_serving
 from services.common.errors import Internal, NotFound, Unavailable
 from services.search.config import SearchSettings
 from services.search.edge_store import EdgeStore

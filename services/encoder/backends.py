@@ -58,6 +58,8 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
 # Warm-up parity: the smallest cosine similarity allowed between an item's ONNX Runtime embedding
 # and its torch embedding (the issue's acceptance bar; float32 exports measure 0.9999998+).
 PARITY_MIN_COSINE = 0.9999
+# Staging directories of the export cache older than this (seconds) belong to a dead process.
+STALE_STAGING_S = 3600.0
 
 
 class ParityError(FailedPrecondition):
@@ -223,6 +225,7 @@ class ExportCache:
         if model.is_file():
             return model, True
         self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_staging()
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=self.root))
         try:
             export(staging / "model.onnx")
@@ -235,6 +238,18 @@ class ExportCache:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return model, False
+
+
+    def remove_stale_staging(self, older_than_s: float = STALE_STAGING_S) -> None:
+        """Removes staging directories left by exports that died (killed mid-export), once they are
+        older than ``older_than_s`` seconds (a live export is never that slow)."""
+        cutoff = time.time() - older_than_s
+        for stale in self.root.glob(".export-*"):
+            try:
+                if stale.stat().st_mtime < cutoff:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except FileNotFoundError:
+                continue
 
 
 def _sha256_json(fields: dict[str, Any]) -> str:
@@ -333,7 +348,9 @@ class OnnxRuntimeBackend:
         options = session_options(threads)
         provider_list: list[str | tuple[str, dict[str, Any]]] = [provider]
         if provider != PROVIDERS["cpu"]:
-            provider_list = [(provider, {"device_id": device.index or 0}), PROVIDERS["cpu"]]
+            # Nodes a GPU provider does not take run on the next one: TensorRT, then CUDA, then CPU.
+            gpu = [PROVIDERS["tensorrt"], PROVIDERS["cuda"]] if provider == PROVIDERS["tensorrt"] else [provider]
+            provider_list = [(p, {"device_id": device.index or 0}) for p in gpu] + [PROVIDERS["cpu"]]
         sessions: dict[str, ort.InferenceSession] = {}
         hits: dict[str, bool] = {}
         for tower in towers(spec, reference.family, device, torch.float32):

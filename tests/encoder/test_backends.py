@@ -4,6 +4,7 @@ selection, GetModel's backend fields, and a parity failure that keeps a model fr
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,6 +196,17 @@ def test_a_failed_export_leaves_nothing_in_the_cache(tmp_path: Path, monkeypatch
     finally:
         core.close()
     assert list(cache.iterdir()) == []
+
+
+def test_staging_left_by_a_killed_export_is_removed_once_stale(tmp_path: Path) -> None:
+    cache = backends.ExportCache(tmp_path)
+    old, fresh = tmp_path / ".export-old", tmp_path / ".export-fresh"
+    for d in (old, fresh):
+        d.mkdir()
+        (d / "model.onnx").write_bytes(b"partial")
+    os.utime(old, (time.time() - 2 * backends.STALE_STAGING_S,) * 2)
+    cache.remove_stale_staging()
+    assert not old.exists() and fresh.exists()  # a fresh one may be a live export in another process
 
 
 def test_random_weights_are_never_cached(tmp_path: Path) -> None:

@@ -342,7 +342,7 @@ class EdgeStore:
                 continue
             data = json.loads(meta_file.read_text(encoding="utf-8"))
             meta = CollectionMeta(name=data["name"], dim=int(data["dim"]), model=data.get("model", ""),
-                                  dataset=data.get("dataset", ""))
+                                  dataset=data.get("dataset", ""), exact_only=bool(data.get("exact_only", False)))
             generation = _read_generation(entry)
             self._remove_stray_generations(entry, generation)
             start = time.monotonic()
@@ -424,6 +424,7 @@ class EdgeStore:
             try:
                 (staging / _META_FILE).write_text(json.dumps({
                     "format": _FORMAT, "name": meta.name, "dim": meta.dim, "model": meta.model,
+                    "exact_only": meta.exact_only,
                     "dataset": meta.dataset}, indent=1), encoding="utf-8")
                 shard = qe.EdgeShard.create(str(staging / _SHARD_DIR), self._config(meta.dim, creating=True))
                 for name, params in _PAYLOAD_INDEXES:
@@ -481,7 +482,7 @@ class EdgeStore:
         points = self._call(collection, lambda s: s.info().points_count)
         if collection.index_error:
             status = IndexStatus.RED
-        elif collection.dirty_since or collection.build is not None:
+        elif (collection.dirty_since and not collection.meta.exact_only) or collection.build is not None:
             status = IndexStatus.YELLOW
         else:
             status = IndexStatus.GREEN
@@ -794,6 +795,8 @@ class EdgeStore:
             for collection in list(self._collections.values()):
                 if self._stop.is_set():
                     return
+                if collection.meta.exact_only:
+                    continue  # never searched through an index: building one would only cost CPU
                 if collection.dirty_since and now - collection.dirty_since >= idle_seconds:
                     with contextlib.suppress(_Abandoned):  # still dirty: built again once writes pause
                         self._build(collection)

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
-from services.evaluator.runner import ModelResult, RunSpec
 from services.evaluator.runs import CANCELLED, FAILED, SUCCEEDED, EvaluatorMetrics, RunManager
+from services.evaluator.spec import ModelResult, RunSpec
 
 
 class FakeRunner:

@@ -15,9 +15,9 @@ from retrieval.v1 import evaluator_pb2, evaluator_pb2_grpc
 from services.common.clients import Endpoint, EvaluatorClient, RetryPolicy
 from services.common.server import ServiceRegistration, create_server
 from services.evaluator.config import EvaluatorSettings
-from services.evaluator.runner import ModelResult, RunSpec
 from services.evaluator.runs import EvaluatorMetrics, RunManager
 from services.evaluator.servicer import SERVICE, EvaluatorServicer
+from services.evaluator.spec import ModelResult, RunSpec
 
 
 class SlowRunner:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from services.encoder.registry import ModelSpec
 
 RANDOM_INIT = "random-init"
@@ -88,11 +88,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def verified_sha256(spec: ModelSpec, path: Path) -> str:
-    """The file's SHA-256, refusing a file that does not match the registry's checksum."""
+    """The file's SHA-256, refusing a file that does not match the registry's checksum (DATA_LOSS:
+    the server's own file is corrupt or wrong; nothing the caller sent is at fault)."""
     digest = sha256_file(path)
     if spec.sha256 and digest != spec.sha256:
-        raise InvalidArgument(f"model {spec.id}: weights file {path} has SHA-256 {digest}, "
-                              f"expected {spec.sha256} (corrupt or wrong file)")
+        raise DataLoss(f"model {spec.id}: weights file {path} has SHA-256 {digest}, "
+                       f"expected {spec.sha256} (corrupt or wrong file)")
     return digest
 
 

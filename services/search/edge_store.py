@@ -74,6 +74,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from services.common.errors import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable
+from services.common.files import atomic_write_text, fsync_dir
 from services.search.edge_build import DEFAULT_NICENESS
 from services.search.store import (
     CollectionMeta,
@@ -127,22 +128,7 @@ def shard_dir_name(generation: int) -> str:
 
 def write_json_atomic(path: Path, data: object) -> None:
     """Replaces ``path`` with ``data`` as JSON so that a crash leaves the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Makes a rename or creation inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def edge_filter(flt: Filter | None, exclude_ids: Sequence[str] = ()) -> qe.Filter | None:

@@ -305,6 +305,27 @@ def _eval_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt_train(args: argparse.Namespace) -> int:
+    """Trains an adapter on a catalogue's cached (or freshly embedded) embeddings; torch is imported
+    here, not at start-up: the slim image runs the other commands without it."""
+    from services.adapters.command import TrainRequest, train
+    from services.adapters.search import SearchSettings
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = SearchSettings(budget_seconds=args.budget_seconds, max_trials=args.max_trials,
+                              max_epochs=args.max_epochs, validation_fraction=args.validation_fraction,
+                              seed=args.seed, losses=tuple(args.losses))
+    endpoint = _endpoint(args.encoder_address, args) if args.encoder_address else None
+    result = train(TrainRequest(dataset=Path(args.dataset), catalogue=args.catalogue or "", encoder=args.encoder,
+                                out=Path(args.out), encoder_endpoint=endpoint, cache_dir=Path(args.cache_dir),
+                                settings=settings))
+    training = result.card["training"]
+    print(f"adapter {result.model_id}: validation mAP {training['base_validation_map']:.4f} (base) -> "
+          f"{training['best_validation_map']:.4f} ({result.card['loss']}); trained in {result.train_seconds:.1f} s; "
+          f"serve it with ENCODER_ADAPTERS_DIR={Path(args.out).parent}")
+    return 0
+
+
 def _comma_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -368,6 +389,32 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("directory", nargs="?", default="reports")
     compare.add_argument("--metric", default="map", help="map, P@k, R@k or mAP@k")
     compare.set_defaults(func=_eval_compare)
+
+    adapt = commands.add_parser("adapt", help="adapters: heads trained on a catalogue, served as <base>+<name>"
+                                ).add_subparsers(dest="action", required=True)
+    adapt_train = adapt.add_parser(
+        "train", help="train an adapter on a catalogue's embeddings",
+        description="Trains a linear or MLP head on the base model's embeddings of the catalogue (from the "
+                    "evaluator's embedding cache, or through the encoder service), with a metric-learning or "
+                    "classifier loss chosen by an optuna search within a time budget and early stopping on a "
+                    "held-out part of the catalogue. Only the catalogue list is read.")
+    adapt_train.add_argument("--dataset", required=True, help="dataset root (list_of_images.txt or class folders)")
+    adapt_train.add_argument("--catalogue", help="catalogue list relative to the dataset root (default: every image)")
+    adapt_train.add_argument("--encoder", default="efficientnet-lite0", help="base model id")
+    adapt_train.add_argument("--out", required=True, help="adapter directory adapters/NAME; served as <encoder>+NAME")
+    adapt_train.add_argument("--encoder-address", help="encoder service, to embed what the cache lacks")
+    adapt_train.add_argument("--cache-dir",
+                             default=os.environ.get("EVALUATOR_CACHE_DIR", ".cache/retrieval/embeddings"),
+                             help="the evaluator's embedding cache [env EVALUATOR_CACHE_DIR]")
+    adapt_train.add_argument("--budget-seconds", type=float, default=45.0, help="wall time of the search")
+    adapt_train.add_argument("--max-trials", type=int, default=40)
+    adapt_train.add_argument("--max-epochs", type=int, default=40)
+    adapt_train.add_argument("--validation-fraction", type=float, default=0.15)
+    adapt_train.add_argument("--seed", type=int, default=0)
+    adapt_train.add_argument("--losses", type=_comma_list, default=["supcon", "triplet", "contrastive", "softmax"],
+                             help="losses the search may pick (comma-separated)")
+    add_settings_arguments(adapt_train, ClientSettings)
+    adapt_train.set_defaults(func=_adapt_train)
 
     search = commands.add_parser("search", help="the search service").add_subparsers(dest="action", required=True)
     search_serve = search.add_parser("serve", help="run the search gRPC server",

@@ -300,26 +300,57 @@ def read_split_lists(
     cat_path = resolve_allowed(catalogue_list, allowed_roots)
     query_path = resolve_allowed(query_list, allowed_roots)
     base = resolve_allowed(root, allowed_roots) if root is not None else cat_path.parent
-    known: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
-    if labels_list is not None or (base / LIST_FILE).is_file():
-        labelled = resolve_allowed(labels_list if labels_list is not None else base / LIST_FILE, allowed_roots)
-        known = {path: (labels or (), junk) for path, labels, _, junk in _parse_list(labelled, labelled=True)}
-
-    def side(list_path: Path) -> Dataset:
-        items: list[Item] = []
-        for path, labels, where, junk in _parse_list(list_path, labelled=False):
-            if labels is None:
-                if path not in known:
-                    raise InvalidArgument(f"{where}: {path!r} has no class here and is not in a labelled list")
-                labels, junk = known[path]
-            items.append(Item(path, labels, junk))
-        if not items:
-            raise InvalidArgument(f"{list_path}: the list has no images")
-        return Dataset(name or base.name, base, tuple(items))
-
-    split = Split(name or base.name, side(cat_path), side(query_path))
+    known = _known_labels(base, labels_list, allowed_roots)
+    display = name or base.name
+    split = Split(display, _side(cat_path, known, base, display), _side(query_path, known, base, display))
     _check_disjoint(split.catalogue, split.queries)
     return split
+
+
+_Known = dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+
+
+def _known_labels(base: Path, labels_list: str | os.PathLike[str] | None,
+                  allowed_roots: Sequence[str | os.PathLike[str]]) -> _Known:
+    """Labels and junk by path from a labelled list (``base/list_of_images.txt`` by default), if any."""
+    if labels_list is None and not (base / LIST_FILE).is_file():
+        return {}
+    labelled = resolve_allowed(labels_list if labels_list is not None else base / LIST_FILE, allowed_roots)
+    return {path: (labels or (), junk) for path, labels, _, junk in _parse_list(labelled, labelled=True)}
+
+
+def _side(list_path: Path, known: _Known, base: Path, name: str) -> Dataset:
+    items: list[Item] = []
+    for path, labels, where, junk in _parse_list(list_path, labelled=False):
+        if labels is None:
+            if path not in known:
+                raise InvalidArgument(f"{where}: {path!r} has no class here and is not in a labelled list")
+            labels, junk = known[path]
+        items.append(Item(path, labels, junk))
+    if not items:
+        raise InvalidArgument(f"{list_path}: the list has no images")
+    return Dataset(name, base, tuple(items))
+
+
+def read_split_side(
+    list_file: str | os.PathLike[str],
+    *,
+    allowed_roots: Sequence[str | os.PathLike[str]],
+    root: str | os.PathLike[str] | None = None,
+    labels_list: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+) -> Dataset:
+    """One side of a split given as a list (e.g. the catalogue's ``split_train.txt``), read exactly as
+    ``read_split_lists`` reads it (same items, labels and so fingerprint), without reading the other
+    side's list: lines ``relative/path[<TAB>class[,class...]]``, classes of bare paths from
+    ``labels_list`` (default ``root/list_of_images.txt``).
+
+    Raises:
+        InvalidArgument, NotFound: as ``read_split_lists``.
+    """
+    path = resolve_allowed(list_file, allowed_roots)
+    base = resolve_allowed(root, allowed_roots) if root is not None else path.parent
+    return _side(path, _known_labels(base, labels_list, allowed_roots), base, name or base.name)
 
 
 def read_split_folders(

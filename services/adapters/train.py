@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -97,10 +97,11 @@ class HeadModule(nn.Module):
         return h
 
     def to_head(self) -> Head:
-        weights = [layer.weight.detach().cpu().double() for layer in self.layers]
+        linears = [cast(nn.Linear, layer) for layer in self.layers]
+        weights = [layer.weight.detach().cpu().double() for layer in linears]
         weights[0] = weights[0] * self.scale
         return Head(tuple(w.numpy().astype(np.float32) for w in weights),
-                    tuple(layer.bias.detach().cpu().numpy().astype(np.float32) for layer in self.layers),
+                    tuple(layer.bias.detach().cpu().numpy().astype(np.float32) for layer in linears),
                     "gelu" if len(self.layers) > 1 else "identity", "softmax" if self.softmax else "linear")
 
 

@@ -159,6 +159,7 @@ class AdapterCard:
         head_sha256: SHA-256 of ``head.npz``.
         in_dim, out_dim: the head's input (base) and output (adapter) dimensions.
         raw: the whole card.
+        directory: where the adapter's files are.
     """
 
     name: str
@@ -168,6 +169,7 @@ class AdapterCard:
     in_dim: int
     out_dim: int
     raw: dict[str, Any]
+    directory: Path
 
     @property
     def model_id(self) -> str:
@@ -212,7 +214,7 @@ def read_card(directory: Path) -> AdapterCard:
         return AdapterCard(name=directory.name, base_model=str(raw["base"]["model"]),
                            base_weights_sha256=str(raw["base"]["weights_sha256"]),
                            head_sha256=str(head["sha256"]), in_dim=int(head["in_dim"]),
-                           out_dim=int(head["out_dim"]), raw=raw)
+                           out_dim=int(head["out_dim"]), raw=raw, directory=directory)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataLoss(f"adapter card {path} is not valid ({type(exc).__name__}: {exc})") from exc
 

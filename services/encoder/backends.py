@@ -300,6 +300,8 @@ def _exported(spec: ModelSpec, family: FamilyModel, tower: Tower, dtype: torch.d
             yield path, False
         return
     weights = family.weights_sha256 or state_dict_sha256(family.module)
+    if family.adapter_sha256:  # base and head are one graph: a new head is a new export
+        weights = f"{weights}+{family.adapter_sha256}"
     entry = cache.entry(spec, tower, _dtype_name(dtype), weights)
     meta = {"model": spec.id, "tower": tower.modality, "dtype": _dtype_name(dtype), "weights_sha256": weights,
             "weights_source": family.weights_source, "opset": OPSET, "torch": torch.__version__,

@@ -67,6 +67,9 @@ class EncoderSettings(ServerSettings):
     weights_dir: Path | None = Field(
         None, description="directory searched first for weights: <dir>/<model-id>.pth (file families) "
                           "or <dir>/<model-id>/ (Hugging Face format)")
+    adapters_dir: Path | None = Field(
+        None, description="directory of adapters (<dir>/<name>/card.json, head.npz): the model <base>+<name> is "
+                          "the base model with that adapter's head, L2-normalised; read on demand, no restart")
     offline: bool = Field(False, description="never download weights (also on when HF_HUB_OFFLINE=1)")
     random_weights: bool = Field(
         False, description="TESTING ONLY: random-initialised weights (reported as weights_source "

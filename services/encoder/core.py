@@ -30,7 +30,7 @@ from services.common.errors import (
     ResourceExhausted,
     ServiceError,
 )
-from services.encoder import images
+from services.encoder import adapters, images
 from services.encoder.backends import (
     BackendOptions,
     ExportCache,
@@ -276,6 +276,7 @@ class ModelDescription:
     weights_sha256: str = ""
     backend: str = ""
     execution_provider: str = ""
+    adapter_sha256: str = ""
 
 
 class EncoderCore:
@@ -285,6 +286,8 @@ class EncoderCore:
                  metrics_registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.registry = registry or Registry()
+        if settings.adapters_dir is not None:
+            self.registry.adapters_dir = settings.adapters_dir
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.metrics = EncoderMetrics(metrics_registry or CollectorRegistry())
@@ -324,7 +327,12 @@ class EncoderCore:
                     "with ENCODER_MODELS")
             start = time.perf_counter()
             log.info("loading %s on %s (%s)", spec.id, self.device, str(self.dtype))
-            family = load_family_model(spec, self._load_context)
+            if spec.adapter is not None:
+                # The base network comes from the base's own entry (its weights file, its checksum).
+                family = adapters.attach(spec, load_family_model(self.registry.get(spec.adapter.base_model),
+                                                                 self._load_context))
+            else:
+                family = load_family_model(spec, self._load_context)
             backend = build_backend(spec, family, self.device, self.dtype, self._backend_options)
             runtime = ModelRuntime(spec, family, self.device, self.dtype, self.settings, self.metrics, backend)
             try:
@@ -367,11 +375,15 @@ class EncoderCore:
         spec = self.registry.get(model_id)
         runtime = self._models.get(spec.id)
         if runtime is None:
+            if spec.adapter is not None:  # what the card says, until the load checks it
+                return ModelDescription(spec=spec, loaded=False, weights_sha256=spec.adapter.base_weights_sha256,
+                                        adapter_sha256=spec.adapter.head_sha256)
             return ModelDescription(spec=spec, loaded=False)
         return ModelDescription(spec=spec, loaded=True, device=str(runtime.device),
                                 dtype=runtime.dtype_name, weights_source=runtime.family.weights_source,
                                 weights_sha256=runtime.family.weights_sha256, backend=runtime.backend.name,
-                                execution_provider=runtime.backend.provider)
+                                execution_provider=runtime.backend.provider,
+                                adapter_sha256=runtime.family.adapter_sha256)
 
     def describe_all(self) -> list[ModelDescription]:
         return [self.describe(m) for m in self.registry.ids()]

@@ -8,13 +8,16 @@ images prepared for another one.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from services.common.errors import NotFound
+from services.common import adapters
+from services.common.errors import DataLoss, NotFound
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,6 +56,27 @@ class Preprocess:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """The adapter of an adapter model ``<base>+<name>``: where its files are and what its card says.
+
+    Attributes:
+        name: the adapter's name (its directory's name under the adapters directory).
+        directory: that directory.
+        base_model: the base model's id.
+        base_weights_sha256: SHA-256 of the base weights the adapter was trained on.
+        head_sha256: SHA-256 of the head file, as the card states it (checked again at load).
+        in_dim: the base embedding dimension the head takes.
+    """
+
+    name: str
+    directory: Path
+    base_model: str
+    base_weights_sha256: str
+    head_sha256: str
+    in_dim: int
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One registry entry.
 
@@ -68,6 +92,8 @@ class ModelSpec:
         sha256: expected SHA-256 of the weights file, when known; a mismatch refuses to load.
         max_text_chars: longest text accepted (text models only).
         description: one line for ListModels.
+        adapter: for ``<base>+<adapter>`` ids, the adapter (the rest of the entry is the base's, with
+            the adapter's output ``dim`` and the image modality only).
     """
 
     id: str
@@ -80,6 +106,7 @@ class ModelSpec:
     sha256: str = ""
     max_text_chars: int = 0
     description: str = ""
+    adapter: AdapterRef | None = None
 
 
 # TF EfficientNet evaluation preprocessing: resize to crop + 32, centre crop (lite models take [-1, 1]).
@@ -141,24 +168,45 @@ _ENTRIES: tuple[ModelSpec, ...] = (
 DEFAULT_MODEL = "efficientnet-lite0"
 _OPENCLIP_ID = re.compile(r"^openclip:(?P<arch>[A-Za-z0-9._-]{1,64})/(?P<pretrained>[A-Za-z0-9._-]{1,64})$")
 MAX_MODEL_ID_CHARS = 200
+# Adapters listed by ListModels: the first this many directories of the adapters directory, by name.
+MAX_LISTED_ADAPTERS = 256
 
 
 class Registry:
-    """Model ids to specs; ``openclip:<arch>/<pretrained>`` ids are resolved on demand.
+    """Model ids to specs; ``openclip:<arch>/<pretrained>`` and ``<base>+<adapter>`` ids are resolved
+    on demand.
 
-    Resolved ``openclip:`` ids are never added to the table (a client sending many ids must not
-    grow it, nor ListModels); the last few resolutions are memoised in a bounded cache.
+    Resolved ids are never added to the table (a client sending many ids must not grow it, nor
+    ListModels); the last few resolutions are memoised in bounded caches. An adapter id is resolved
+    from the adapters directory (``<adapters_dir>/<adapter>/card.json``) on every call, so a new or
+    retrained adapter is seen without a restart.
     """
 
-    def __init__(self, entries: tuple[ModelSpec, ...] = _ENTRIES) -> None:
+    def __init__(self, entries: tuple[ModelSpec, ...] = _ENTRIES, adapters_dir: Path | None = None) -> None:
         self._specs: dict[str, ModelSpec] = {e.id: e for e in entries}
+        self.adapters_dir = adapters_dir
 
     def register(self, spec: ModelSpec) -> None:
         """Adds (or replaces) an entry, e.g. a tiny configuration for tests."""
         self._specs[spec.id] = spec
 
     def ids(self) -> list[str]:
-        return sorted(self._specs)
+        """The registered ids and the adapter models of the adapters directory (valid cards only)."""
+        return sorted(self._specs) + self.adapter_ids()
+
+    def adapter_ids(self) -> list[str]:
+        """``<base>+<name>`` of the first ``MAX_LISTED_ADAPTERS`` adapters (by name) whose card reads."""
+        if self.adapters_dir is None or not self.adapters_dir.is_dir():
+            return []
+        with os.scandir(self.adapters_dir) as entries:
+            names = sorted(e.name for e in entries if e.is_dir() and adapters.ADAPTER_NAME.fullmatch(e.name))
+        out = []
+        for name in names[:MAX_LISTED_ADAPTERS]:
+            try:
+                out.append(adapters.read_card(self.adapters_dir / name).model_id)
+            except (NotFound, DataLoss):
+                continue  # a half-written or foreign directory: not a model
+        return sorted(out)
 
     def get(self, model_id: str) -> ModelSpec:
         """The entry for ``model_id``.
@@ -175,8 +223,56 @@ class Registry:
         match = _OPENCLIP_ID.match(model_id)
         if match:
             return _openclip_spec(model_id, match["arch"], match["pretrained"])
-        raise NotFound(f"unknown model {shown!r}; known: {', '.join(self.ids())} "
-                       "or openclip:<arch>/<pretrained> (letters, digits, '.', '_', '-')")
+        if "+" in model_id:
+            return self._adapter_spec(model_id)
+        raise NotFound(f"unknown model {shown!r}; known: {', '.join(sorted(self._specs))}, "
+                       "openclip:<arch>/<pretrained> (letters, digits, '.', '_', '-') or <base>+<adapter>")
+
+    def _adapter_spec(self, model_id: str) -> ModelSpec:
+        """The spec of ``<base>+<adapter>``: the base's entry with the adapter attached.
+
+        Raises:
+            NotFound: no adapters directory, no such adapter, or an adapter of another base model.
+            DataLoss: the adapter's card is unreadable, or its input does not fit the base model.
+        """
+        base_id, _, name = model_id.rpartition("+")
+        adapters.check_name(name)
+        if self.adapters_dir is None:
+            raise NotFound(f"unknown model {model_id!r}: this server has no adapters directory (ENCODER_ADAPTERS_DIR)")
+        if "+" in base_id:
+            raise NotFound(f"unknown model {model_id!r}: an adapter applies to a base model, not to another adapter")
+        base = self.get(base_id)
+        directory = self.adapters_dir / name
+        try:
+            stat = (directory / adapters.CARD_FILE).stat()
+        except OSError:
+            raise NotFound(f"unknown model {model_id!r}: no adapter {name!r} in the adapters directory") from None
+        return _adapter_spec(base, _card(directory, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _card(directory: Path, mtime_ns: int, size: int) -> adapters.AdapterCard:
+    """An adapter's card, memoised by the card's modification time and size (a rewritten card is read
+    again), in a bounded cache."""
+    return adapters.read_card(directory)
+
+
+def _adapter_spec(base: ModelSpec, card: adapters.AdapterCard) -> ModelSpec:
+    """An adapter model's spec: the base's entry with the card's head attached."""
+    directory = card.directory
+    model_id = f"{base.id}+{card.name}"
+    if card.base_model != base.id:
+        raise NotFound(f"unknown model {model_id!r}: adapter {card.name!r} was trained on {card.base_model}, not "
+                       f"{base.id} (use {card.model_id})")
+    if card.in_dim != base.dim:
+        raise DataLoss(f"adapter {card.name}: its head takes {card.in_dim}-d embeddings, {base.id} gives {base.dim}-d")
+    ref = AdapterRef(name=card.name, directory=directory, base_model=base.id,
+                                    base_weights_sha256=card.base_weights_sha256, head_sha256=card.head_sha256,
+                                    in_dim=card.in_dim)
+    loss = card.raw.get("loss", "?")
+    return ModelSpec(id=model_id, family=base.family, dim=card.out_dim, preprocess=base.preprocess,
+                     modalities=(IMAGE,), weights=base.weights, params=base.params, sha256=base.sha256,
+                     description=f"{base.id} with adapter {card.name} ({loss}, {card.out_dim}-d)", adapter=ref)
 
 
 @functools.lru_cache(maxsize=32)

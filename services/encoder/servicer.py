@@ -61,7 +61,9 @@ def model_info(d: ModelDescription) -> encoder_pb2.ModelInfo:
                                                 resize_mode=pre.resize_mode),
         device=d.device, dtype=d.dtype, weights_source=d.weights_source,
         weights_sha256=d.weights_sha256 or d.spec.sha256, loaded=d.loaded,
-        max_text_chars=d.spec.max_text_chars, backend=d.backend, execution_provider=d.execution_provider)
+        max_text_chars=d.spec.max_text_chars, backend=d.backend, execution_provider=d.execution_provider,
+        base_model=d.spec.adapter.base_model if d.spec.adapter else "",
+        adapter=d.spec.adapter.name if d.spec.adapter else "", adapter_sha256=d.adapter_sha256)
 
 
 def _ids(images: Sequence[encoder_pb2.Image]) -> list[str]:

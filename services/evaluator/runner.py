@@ -123,6 +123,8 @@ class _Job:
         spec, r, timings = self.spec, self.runner, {}
         info = r.encoder.model(model)
         self.weights = RANDOM_INIT if info.weights_source == RANDOM_INIT else info.weights_sha256
+        if info.adapter_sha256:  # an adapter model: its vectors depend on the head too (a retrained one differs)
+            self.weights = f"{self.weights}+{info.adapter_sha256}"
         catalogue = self.embed(plan.catalogue, model, "embedding")
         queries = self.protocol.embed_queries(self, plan, catalogue, model)
         timings["embed_seconds"] = catalogue.embed_seconds + (queries.embed_seconds if queries is not catalogue else 0)

@@ -341,8 +341,13 @@ class ModelInfo(_message.Message):
     MAX_TEXT_CHARS_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Registry id, e.g. "efficientnet-lite0" or "openclip:ViT-B-32/openai"."""
+    """Registry id, e.g. "efficientnet-lite0", "openclip:ViT-B-32/openai" or an adapter model
+    "efficientnet-lite0+caltech101".
+    """
     family: _builtins.str
     """Model family: "efficientnet_lite", "torchvision_resnet", "dinov2", "openclip"."""
     dim: _builtins.int
@@ -365,6 +370,14 @@ class ModelInfo(_message.Message):
     """ONNX Runtime execution provider when the backend is "onnxruntime" ("CPUExecutionProvider",
     "CUDAExecutionProvider", "TensorrtExecutionProvider"); empty for torch or when not loaded.
     """
+    base_model: _builtins.str
+    """Set for an adapter model "<base>+<adapter>" (a small head after the base model, served from the
+    encoder's adapters directory): the base model's id, the adapter's name, and the SHA-256 of the
+    adapter's head file. `weights_sha256` is then the checksum of the *base* weights, which the
+    adapter was trained on (an adapter whose card names other base weights is not served).
+    """
+    adapter: _builtins.str
+    adapter_sha256: _builtins.str
     @_builtins.property
     def modalities(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Modality.ValueType]: ...
     @_builtins.property
@@ -385,10 +398,13 @@ class ModelInfo(_message.Message):
         max_text_chars: _builtins.int = ...,
         backend: _builtins.str = ...,
         execution_provider: _builtins.str = ...,
+        base_model: _builtins.str = ...,
+        adapter: _builtins.str = ...,
+        adapter_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dim", b"dim", "dtype", b"dtype", "execution_provider", b"execution_provider", "family", b"family", "id", b"id", "loaded", b"loaded", "max_text_chars", b"max_text_chars", "modalities", b"modalities", "preprocessing", b"preprocessing", "weights_sha256", b"weights_sha256", "weights_source", b"weights_source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapter_sha256", b"adapter_sha256", "backend", b"backend", "base_model", b"base_model", "device", b"device", "dim", b"dim", "dtype", b"dtype", "execution_provider", b"execution_provider", "family", b"family", "id", b"id", "loaded", b"loaded", "max_text_chars", b"max_text_chars", "modalities", b"modalities", "preprocessing", b"preprocessing", "weights_sha256", b"weights_sha256", "weights_source", b"weights_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -66,6 +66,8 @@ class FamilyModel:
             ``embed_tokens`` it splits ``embed_texts`` into the Python part and the graph that
             other backends (ONNX Runtime) run.
         embed_tokens: token tensor (B, L) to features (B, dim), not yet L2-normalised.
+        adapter_sha256: for an adapter model, the SHA-256 of the adapter's head file (the head is part
+            of ``module`` and ``embed_images``; ``weights_sha256`` stays the base weights').
     """
 
     module: torch.nn.Module
@@ -76,6 +78,7 @@ class FamilyModel:
     channels_last: bool = False
     tokenize: Callable[[list[str]], torch.Tensor] | None = None
     embed_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
+    adapter_sha256: str = ""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -43,6 +43,7 @@ class StackConfig:
         auth_token: when set, every service requires it and the evaluator sends it upstream.
         tls_cert_file, tls_key_file: when set, every service serves TLS with them.
         tls_ca_file: the CA that signed that certificate (the evaluator and the stack verify with it).
+        adapters_dir: the encoder's adapters directory (models ``<base>+<name>``), when set.
     """
 
     host: str = "127.0.0.1"
@@ -59,6 +60,7 @@ class StackConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
+    adapters_dir: Path | None = None
 
     @classmethod
     def on_free_ports(cls, **kwargs: object) -> StackConfig:
@@ -91,6 +93,8 @@ class Stack:
                "--port", str(c.ports[service]), "--metrics-port", str(c.metrics_ports[service])]
         if service == "encoder":
             cmd += ["--models", ",".join(c.models), "--default-model", c.models[0]]
+            if c.adapters_dir is not None:
+                cmd += ["--adapters-dir", str(c.adapters_dir)]
         elif service == "search":
             cmd += ["--data-dir", str(c.data_dir)]
         else:

@@ -546,6 +546,21 @@ class SearchFilter:
 
 
 @dataclass(frozen=True)
+class QueryPart:
+    """One part of a composed query (``retrieval.v1.QueryPart``): a vector (e.g. an image's or a text's
+    embedding) or a stored point's own vector, with its weight. The search service queries with
+    normalise(sum of weight * normalise(part)) and leaves stored parts out of the hits."""
+
+    weight: float
+    vector: np.ndarray | None = None
+    point_id: str = ""
+
+    def message(self) -> search_pb2.QueryPart:
+        values = [] if self.vector is None else np.asarray(self.vector, dtype=np.float32).tolist()
+        return search_pb2.QueryPart(vector=values, point_id=self.point_id, weight=self.weight)
+
+
+@dataclass(frozen=True)
 class TopK:
     """The top-k of many queries as arrays.
 
@@ -695,6 +710,15 @@ class SearchClient(_Client):
             with_payload=with_payload, with_vector=with_vector)
         return _hits(self._call(lambda: self.stub.Search(request, timeout=self.endpoint.timeout)))
 
+    def search_composed(self, collection: str, parts: Sequence[QueryPart], limit: int,
+                        filter: SearchFilter | None = None, exact: bool = False,
+                        with_payload: bool = True) -> list[Hit]:
+        """The ``limit`` nearest points to a composed query (e.g. an image and a text modifier)."""
+        request = search_pb2.SearchRequest(collection=collection, composed=[p.message() for p in parts], limit=limit,
+                                           filter=filter.message() if filter else None, exact=exact,
+                                           with_payload=with_payload)
+        return _hits(self._call(lambda: self.stub.Search(request, timeout=self.endpoint.timeout)))
+
     def search_by_id(self, collection: str, pid: str, limit: int, filter: SearchFilter | None = None,
                      exact: bool = False, with_payload: bool = True) -> list[Hit]:
         """The ``limit`` nearest points to stored point ``pid``'s own vector, itself excluded."""
@@ -720,10 +744,17 @@ class SearchClient(_Client):
 
     def top_k(self, collection: str, k: int, vectors: np.ndarray | None = None,
               point_ids: Sequence[str] | None = None, exact: bool = True, batch: int = 256, in_flight: int = 2,
-              progress: Progress | None = None) -> TopK:
+              progress: Progress | None = None, composed: Sequence[Sequence[QueryPart]] | None = None) -> TopK:
         """``search_batch`` without payloads, as arrays (for evaluation); ``in_flight`` batches at a
-        time, so that the service computes one while this process reads the other."""
-        requests = self._batch_requests(collection, k, vectors, point_ids, exact, with_payload=False)
+        time, so that the service computes one while this process reads the other. The queries are
+        vectors, stored point ids, or composed queries (one list of parts per query)."""
+        if composed is not None:
+            if vectors is not None or point_ids is not None:
+                raise ValueError("give query vectors, point ids or composed queries, one of them")
+            requests = [search_pb2.SearchRequest(collection=collection, composed=[p.message() for p in parts],
+                                                 limit=k, exact=exact, with_payload=False) for parts in composed]
+        else:
+            requests = self._batch_requests(collection, k, vectors, point_ids, exact, with_payload=False)
         ids: list[list[str]] = [[] for _ in requests]
         scores = np.full((len(requests), k), np.nan, dtype=np.float32)
         starts = list(range(0, len(requests), batch))

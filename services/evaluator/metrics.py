@@ -890,3 +890,36 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, seed: int = 0, resamples: in
     return PairedComparison(Interval(float(d.mean()), float(np.quantile(means, alpha)),
                                      float(np.quantile(means, 1 - alpha))),
                             (1 + extreme) / (1 + resamples), int(d.size))
+
+
+def zero_shot_accuracy(image_vectors: np.ndarray, image_labels: np.ndarray, class_vectors: np.ndarray,
+                       chunk: int = 4096) -> float:
+    """Zero-shot classification accuracy (CLIP): each image is assigned the class whose query vector
+    (e.g. the average of its prompt embeddings) has the highest cosine similarity with it, ties to
+    the lowest class id; the accuracy is the share of images whose assigned class is one of theirs.
+
+    Args:
+        image_vectors: (n, dim) L2-normalised image embeddings.
+        image_labels: (n,) class ids, or an (n, n_classes) boolean membership matrix; images without
+            any class are left out of the mean.
+        class_vectors: (n_classes, dim) L2-normalised, row c for class id c.
+
+    Returns:
+        The accuracy in [0, 1]; NaN when no image has a class.
+    """
+    x = _check_embeddings(image_vectors, "image vectors")
+    c = _check_embeddings(class_vectors, "class vectors")
+    labels = np.asarray(image_labels)
+    correct = counted = 0
+    for start in range(0, len(x), chunk):
+        predicted = np.argmax(x[start:start + chunk] @ c.T, axis=1)
+        block = labels[start:start + chunk]
+        if block.ndim == 1:
+            has = np.asarray(block >= 0)
+            hit = np.asarray(predicted == block)
+        else:
+            has = np.asarray(block.any(axis=1))
+            hit = np.asarray(block[np.arange(len(block)), predicted], dtype=bool)
+        correct += int((hit & has).sum())
+        counted += int(has.sum())
+    return correct / counted if counted else float("nan")

@@ -15,7 +15,7 @@ import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,7 @@ class ModelReport:
     index_recall: dict[int, float]
     timings: dict[str, float]
     trec_depth: int
+    extra_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _finite(value: float) -> float | None:
@@ -230,6 +231,7 @@ def build_report(r: ModelReport, examples: dict[str, list[dict[str, Any]]],
             "precision_at_k_ci": {str(k): [_finite(c.low), _finite(c.high)] for k, c in p_ci.items()},
             "recall_at_k": {str(k): _finite(v) for k, v in service["recall_at_k"].items()},
             "map_at_k": {str(k): _finite(v) for k, v in service["map_at_k"].items()},
+            **{name: _finite(v) for name, v in r.extra_metrics.items()},
             "exact_precision_at_k": {str(k): _finite(v) for k, v in exact["precision_at_k"].items()},
             "exact_map_at_k": {str(k): _finite(v) for k, v in exact["map_at_k"].items()},
             "pr_curve": {"recall": exact["pr_recall"].round(6).tolist(),
@@ -520,6 +522,7 @@ def aggregate(directory: Path, out_dir: Path | None = None) -> tuple[Path, Path]
             md += ["Paired comparisons (same queries):", ""]
             md += [f"- {comparison_sentence(a, b, c)}" for a, b, c in pairs]
             md.append("")
+        md += adapter_section(group, pairs, out_dir)
         for r in group:
             art = r.get("artifacts", {})
             md += [f"### {r['model']['id']}", ""]
@@ -540,6 +543,44 @@ def aggregate(directory: Path, out_dir: Path | None = None) -> tuple[Path, Path]
     html_path = out_dir / "summary.html"
     atomic_write_text(html_path, markdown_to_html("\n".join(md)))
     return md_path, html_path
+
+
+def adapter_section(group: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str, mx.PairedComparison]],
+                    out_dir: Path) -> list[str]:
+    """Markdown lines putting each adapter model beside its base model (when both were evaluated on
+    these queries): their mAP and P@1, the paired comparison stated as adapter minus base, and their
+    t-SNE maps side by side. Empty when the group has no adapter with its base."""
+    by_id = {r["model"]["id"]: r for r in group}
+    lines: list[str] = []
+    for report in group:
+        base_id = report["model"].get("base_model", "")
+        if not base_id or base_id not in by_id:
+            continue
+        base, adapter_id = by_id[base_id], report["model"]["id"]
+        if not lines:
+            lines += ["### Adapters against their base models", ""]
+        m_a, m_b = report["metrics"], base["metrics"]
+        p1 = "" if "1" not in m_a["precision_at_k"] else (
+            f"; P@1 {_fmt(m_b['precision_at_k'].get('1'))} \u2192 {_fmt(m_a['precision_at_k'].get('1'))}")
+        lines.append(f"- **{adapter_id}** (adapter {report['model'].get('adapter', '')}, SHA-256 "
+                     f"{report['model'].get('adapter_sha256', '')[:12]}) against its base **{base_id}**: mAP "
+                     f"{_fmt(m_b['map'])} \u2192 {_fmt(m_a['map'])}{p1}")
+        for a, b, comparison in pairs:
+            if {a, b} == {adapter_id, base_id}:
+                d = comparison.difference  # stated as adapter minus base: b - a = -(a - b), same test
+                flipped = comparison if a == adapter_id else mx.PairedComparison(
+                    mx.Interval(-d.estimate, -d.high, -d.low), comparison.p_value, comparison.n_queries)
+                lines.append(f"  - paired: {comparison_sentence(adapter_id, base_id, flipped)}")
+        figures = []
+        for r in (base, report):
+            tsne = r.get("artifacts", {}).get("tsne_png")
+            if tsne:
+                figures.append(f"![t-SNE {r['model']['id']}]"
+                               f"({os.path.relpath(Path(r['_path']).parent / tsne, out_dir)})")
+        if len(figures) == 2:
+            lines += ["", f"| {base_id} (before) | {adapter_id} (after) |", "|---|---|",
+                      f"| {figures[0]} | {figures[1]} |", ""]
+    return lines + ([""] if lines else [])
 
 
 def _nan_low(value: float | None) -> float:

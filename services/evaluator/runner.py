@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.clients import EncoderClient, SearchClient
-from services.common.errors import Cancelled
+from services.common.errors import Cancelled, InvalidArgument
 from services.evaluator import metrics as mx
 from services.evaluator import reports
 from services.evaluator.cache import CachedEmbeddings, EmbeddingCache, cache_key
@@ -29,6 +29,7 @@ from services.evaluator.spec import ModelResult, RunSpec
 log = logging.getLogger(__name__)
 
 RANDOM_INIT = "random-init"
+TEXT_BATCH = 256  # texts per EmbedTexts call
 
 Progress = Callable[[str, int, int, str], None]
 """Called with (stage, done, total, message)."""
@@ -117,6 +118,21 @@ class _Job:
         usable = checked.dataset.without(failed) if failed else checked.dataset
         return Side(usable, checked, vectors, excluded, time.perf_counter() - start, cached is not None)
 
+    def embed_texts(self, texts: Sequence[str], model: str, stage: str) -> np.ndarray:
+        """Texts through the model's text tower, ``TEXT_BATCH`` per call (never cached: cheap)."""
+        self._check()
+        out = []
+        for start in range(0, len(texts), TEXT_BATCH):
+            chunk = list(texts[start:start + TEXT_BATCH])
+            embedded = self.runner.encoder.embed_texts(chunk, model=model)
+            if embedded.errors:
+                i, error = next(iter(sorted(embedded.errors.items())))
+                raise InvalidArgument(f"{model}: text {start + i} ({chunk[i][:60]!r}): {error.message}")
+            out.append(embedded.vectors)
+            self.progress(stage, min(start + TEXT_BATCH, len(texts)), len(texts), model)
+            self._check()
+        return np.concatenate(out).astype(np.float32)
+
     def evaluate(self, plan: Plan, model: str) -> ModelResult:
         """Embeds, indexes and queries through the services, computes the metrics, writes the report."""
         self._check()
@@ -129,7 +145,8 @@ class _Job:
         queries = self.protocol.embed_queries(self, plan, catalogue, model)
         timings["embed_seconds"] = catalogue.embed_seconds + (queries.embed_seconds if queries is not catalogue else 0)
         relevance = self.protocol.relevance(catalogue, queries)
-        depth = self.protocol.depth(len(catalogue.dataset), spec.ks, relevance)
+        ks = self.protocol.ks(spec.ks)
+        depth = self.protocol.depth(len(catalogue.dataset), ks, relevance)
 
         start = time.perf_counter()
         collection = collection_name(plan.name, model, self.protocol.name, self.run_id)
@@ -154,11 +171,12 @@ class _Job:
         self._check()
 
         start = time.perf_counter()
-        exact = self.protocol.exact(catalogue, queries, relevance, spec.ks, max(depth, r.trec_depth),
+        exact = self.protocol.exact(catalogue, queries, relevance, ks, max(depth, r.trec_depth),
                                     lambda d, t: self.progress("metrics", d, t, model))
         service = mx.service_topk_metrics(service_top, relevance.query_labels, relevance.catalogue_labels,
-                                          exact["n_relevant"], spec.ks, relevance.exclude)
-        agreement = mx.index_recall(mx.drop_excluded(service_top, relevance.exclude), exact["top_indices"], spec.ks)
+                                          exact["n_relevant"], ks, relevance.exclude)
+        agreement = mx.index_recall(mx.drop_excluded(service_top, relevance.exclude), exact["top_indices"], ks)
+        extra = self.protocol.extra_metrics(catalogue, queries, relevance)
         timings["metrics_seconds"] = time.perf_counter() - start
 
         self.progress("report", 0, 1, model)
@@ -166,9 +184,11 @@ class _Job:
         report = reports.ModelReport(spec=spec, protocol=self.protocol.name, dataset_name=plan.name, model=info,
                                      catalogue=catalogue, queries=queries, relevance=relevance, exact=exact,
                                      service=service, service_top=service_top, service_scores=found.scores,
-                                     index_recall=agreement, timings=timings, trec_depth=r.trec_depth)
+                                     index_recall=agreement, timings=timings, trec_depth=r.trec_depth,
+                                     extra_metrics=extra)
         path = reports.write_model_report(report, out_dir, tsne=spec.tsne)
         self.progress("report", 1, 1, f"{model}: mAP {exact['map']:.4f} -> {path}")
         headline = {"map": float(exact["map"]),
-                    **{f"P@{k}": float(v) for k, v in service["precision_at_k"].items()}}
+                    **{f"P@{k}": float(v) for k, v in service["precision_at_k"].items()},
+                    **{name: float(v) for name, v in extra.items()}}
         return ModelResult(model=model, report_path=path, metrics=headline)

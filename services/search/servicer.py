@@ -18,7 +18,7 @@ from services.search.core import CollectionInfo, SearchCore
 from services.search.edge_store import EdgeStore
 from services.search.metrics import SearchMetrics
 from services.search.qdrant_store import QdrantStore
-from services.search.store import Filter, Hit, IndexParams, IndexStatus, Payload, Point, Query, VectorStore
+from services.search.store import Filter, Hit, IndexParams, IndexStatus, Payload, Point, Query, QueryPart, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,9 @@ def to_query(msg: search_pb2.SearchRequest) -> Query:
     return Query(vector=np.asarray(msg.vector, dtype=np.float32), limit=msg.limit,
                  filter=to_filter(msg.filter) if msg.HasField("filter") else None,
                  exclude_ids=tuple(msg.exclude_ids), exact=msg.exact, with_payload=msg.with_payload,
-                 with_vector=msg.with_vector, point_id=msg.query_point_id)
+                 with_vector=msg.with_vector, point_id=msg.query_point_id,
+                 parts=tuple(QueryPart(np.asarray(p.vector, dtype=np.float32), p.weight, p.point_id)
+                             for p in msg.composed))
 
 
 def hits_msg(hits: list[Hit]) -> search_pb2.SearchResponse:

@@ -81,6 +81,15 @@ class Filter:
 
 
 @dataclass(frozen=True)
+class QueryPart:
+    """One part of a composed query: a vector, or (``vector`` empty) a stored point's own vector."""
+
+    vector: np.ndarray
+    weight: float
+    point_id: str = ""
+
+
+@dataclass(frozen=True)
 class Query:
     """One k-NN query.
 
@@ -93,6 +102,8 @@ class Query:
         with_payload / with_vector: return the payload / stored (normalised) vector of each hit.
         point_id: when set (and ``vector`` empty), the core queries with this stored point's own
             vector and excludes the point; stores always receive a vector.
+        parts: when set (``vector`` and ``point_id`` empty), a composed query: the core queries with
+            ``services.common.vectors.compose`` of the parts and excludes the stored points among them.
     """
 
     vector: np.ndarray
@@ -103,6 +114,7 @@ class Query:
     with_payload: bool = True
     with_vector: bool = False
     point_id: str = ""
+    parts: tuple[QueryPart, ...] = ()
 
 
 @dataclass(frozen=True)

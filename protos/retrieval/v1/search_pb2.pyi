@@ -578,6 +578,7 @@ class SearchRequest(_message.Message):
     WITH_PAYLOAD_FIELD_NUMBER: _builtins.int
     WITH_VECTOR_FIELD_NUMBER: _builtins.int
     QUERY_POINT_ID_FIELD_NUMBER: _builtins.int
+    COMPOSED_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     limit: _builtins.int
     """Number of hits (k)."""
@@ -595,6 +596,13 @@ class SearchRequest(_message.Message):
     def filter(self) -> Global___Filter: ...
     @_builtins.property
     def exclude_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def composed(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueryPart]:
+        """Instead of `vector` and `query_point_id`: a composed query (e.g. an image and a text modifier,
+        embedded by the encoder). The query vector is normalise(sum of weight * normalise(part)); a stored
+        point used as a part is never among the hits. At most 8 parts; a sum of zero is INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -607,14 +615,46 @@ class SearchRequest(_message.Message):
         with_payload: _builtins.bool = ...,
         with_vector: _builtins.bool = ...,
         query_point_id: _builtins.str = ...,
+        composed: _abc.Iterable[Global___QueryPart] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "exact", b"exact", "exclude_ids", b"exclude_ids", "filter", b"filter", "limit", b"limit", "query_point_id", b"query_point_id", "vector", b"vector", "with_payload", b"with_payload", "with_vector", b"with_vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "composed", b"composed", "exact", b"exact", "exclude_ids", b"exclude_ids", "filter", b"filter", "limit", b"limit", "query_point_id", b"query_point_id", "vector", b"vector", "with_payload", b"with_payload", "with_vector", b"with_vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SearchRequest: _TypeAlias = SearchRequest  # noqa: Y015
+
+@_typing.final
+class QueryPart(_message.Message):
+    """One part of a composed query: a vector (e.g. an image's or a text's embedding), or a stored point's
+    own vector, with its weight.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VECTOR_FIELD_NUMBER: _builtins.int
+    POINT_ID_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    point_id: _builtins.str
+    weight: _builtins.float
+    """Any finite value; e.g. 0.5 for the image and 0.5 for the text."""
+    @_builtins.property
+    def vector(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        vector: _abc.Iterable[_builtins.float] | None = ...,
+        point_id: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["point_id", b"point_id", "vector", b"vector", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryPart: _TypeAlias = QueryPart  # noqa: Y015
 
 @_typing.final
 class ScoredPoint(_message.Message):

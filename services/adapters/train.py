@@ -106,28 +106,34 @@ class HeadModule(nn.Module):
 
 
 def validation_map(queries: torch.Tensor, query_labels: torch.Tensor, catalogue: torch.Tensor,
-                   catalogue_labels: torch.Tensor, chunk: int = 512) -> float:
+                   catalogue_labels: torch.Tensor) -> float:
     """Mean average precision of ``queries`` against ``catalogue`` (cosine similarity), for selection.
 
     AP of a query: the non-interpolated average precision over the full ranking of the catalogue,
-    relevant = same class; tied scores are ordered by catalogue index (stable sort), which differs
-    from the evaluator's tie handling only on exact ties. The mean is over queries with at least one
-    relevant catalogue item. Single-label class ids (int64 tensors).
+    relevant = same class, equal to ``sklearn.metrics.average_precision_score`` including tied
+    scores: with ``ge(s)`` the catalogue items scoring at least ``s`` and ``rel_ge(s)`` the relevant
+    ones, AP = mean over relevant items j of rel_ge(s_j) / ge(s_j). The mean is over queries with at
+    least one relevant catalogue item. Single-label class ids. Each row is sorted once (values only)
+    and every relevant score located in it by binary search: no argsort of the score matrix.
     """
-    q = nn.functional.normalize(queries.float(), dim=1)
-    c = nn.functional.normalize(catalogue.float(), dim=1)
-    ranks = torch.arange(1, c.shape[0] + 1, dtype=torch.float32)
+    q = nn.functional.normalize(queries.detach().float(), dim=1).numpy()
+    c = nn.functional.normalize(catalogue.detach().float(), dim=1).numpy()
+    q_labels, c_labels = query_labels.numpy(), catalogue_labels.numpy()
+    members = {int(k): np.flatnonzero(c_labels == k) for k in np.unique(c_labels)}
+    n = c.shape[0]
     total, counted = 0.0, 0
-    for start in range(0, q.shape[0], chunk):
-        scores = q[start:start + chunk] @ c.T
-        order = torch.argsort(scores, dim=1, descending=True, stable=True)
-        relevant = (catalogue_labels[order] == query_labels[start:start + chunk, None]).float()
-        n_relevant = relevant.sum(1)
-        precision = relevant.cumsum(1) / ranks
-        ap = (precision * relevant).sum(1) / n_relevant.clamp_min(1)
-        has = n_relevant > 0
-        total += float(ap[has].sum())
-        counted += int(has.sum())
+    for start in range(0, len(q), 1024):
+        scores = q[start:start + 1024] @ c.T
+        ordered = np.sort(scores, axis=1)
+        for row, label in enumerate(q_labels[start:start + 1024]):
+            relevant = members.get(int(label))
+            if relevant is None:
+                continue
+            mine = np.sort(scores[row, relevant])
+            ge = n - np.searchsorted(ordered[row], mine, side="left")
+            rel_ge = len(mine) - np.searchsorted(mine, mine, side="left")
+            total += float(np.mean(rel_ge / ge))
+            counted += 1
     return total / counted if counted else float("nan")
 
 

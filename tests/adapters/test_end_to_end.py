@@ -1,0 +1,146 @@
+"""``adapt train`` through the encoder service on a catalogue/query split of real images: no query
+image is ever opened, training does not change when the queries are gone, and the adapter is then
+served as a model, evaluated by the evaluator beside its base, and reported with the paired comparison."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from retrieval.v1 import evaluator_pb2, evaluator_pb2_grpc
+
+from services.adapters.command import TrainRequest, train
+from services.adapters.search import SearchSettings
+from services.common.adapters import CARD_FILE, HEAD_FILE
+from services.common.clients import Endpoint, channel, wait_serving
+from services.encoder.config import EncoderSettings
+from services.encoder.servicer import create_encoder_server
+from services.evaluator.config import EvaluatorSettings
+from services.evaluator.reports import aggregate
+from services.evaluator.servicer import create_evaluator_server
+from services.search.config import SearchSettings as SearchServiceSettings
+from services.search.servicer import create_search_server
+from tests.evaluator.conftest import write_dataset
+
+pytestmark = pytest.mark.slow  # real weights, real images
+
+SETTINGS = SearchSettings(budget_seconds=600, max_trials=2, max_epochs=6, patience=3, validation_fraction=0.25)
+
+
+def _split(root: Path) -> tuple[list[str], list[str]]:
+    """8 catalogue and 4 query images per class: split_train.txt and split_test.txt."""
+    by_class: dict[str, list[str]] = {}
+    for line in (root / "list_of_images.txt").read_text().splitlines():
+        path, label = line.split("\t")
+        by_class.setdefault(label, []).append(path)
+    catalogue = [p for ps in by_class.values() for p in ps[:8]]
+    queries = [p for ps in by_class.values() for p in ps[8:]]
+    (root / "split_train.txt").write_text("\n".join(catalogue) + "\n")
+    (root / "split_test.txt").write_text("\n".join(queries) + "\n")
+    return catalogue, queries
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    work = tmp_path_factory.mktemp("adapters-e2e")
+    dataset = write_dataset(work / "data", classes=4, per_class=12, seed=31)
+    catalogue, queries = _split(dataset)
+    encoder, encoder_core = create_encoder_server(EncoderSettings(
+        port=0, metrics_port=-1, models=["efficientnet-lite0"], adapters_dir=work / "adapters", backend="torch"),
+        background=False)
+    search, search_core = create_search_server(SearchServiceSettings(port=0, metrics_port=-1, data_dir=work / "q"))
+    settings = EvaluatorSettings(port=0, metrics_port=-1, encoder_address=f"127.0.0.1:{encoder.port}",
+                                 search_address=f"127.0.0.1:{search.port}", allowed_roots=[dataset],
+                                 output_dir=work / "reports", cache_dir=work / "cache", state_dir=work / "runs")
+    running, manager = create_evaluator_server(settings)
+    chan = channel(f"127.0.0.1:{running.port}")
+    wait_serving(chan, timeout=60)
+    try:
+        yield {"work": work, "dataset": dataset, "catalogue": catalogue, "queries": queries,
+               "encoder": f"127.0.0.1:{encoder.port}", "stub": evaluator_pb2_grpc.EvaluatorServiceStub(chan),
+               "settings": settings}
+    finally:
+        chan.close()
+        for server in (running, search, encoder):
+            server.stop(0)
+        manager.close()
+        search_core.close()
+        encoder_core.close()
+
+
+def _request(world: dict[str, object], dataset: Path, out: Path) -> TrainRequest:
+    return TrainRequest(dataset=dataset, catalogue="split_train.txt", encoder="efficientnet-lite0", out=out,
+                        encoder_endpoint=Endpoint(str(world["encoder"])), cache_dir=Path(str(world["work"])) / "cache",
+                        settings=SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def trained(world: dict[str, object]) -> Path:
+    """The adapter, trained through the encoder service while every image read is recorded."""
+    dataset = Path(str(world["dataset"]))
+    out = Path(str(world["work"])) / "adapters" / "sample"
+    opened: list[str] = []
+    original = Path.read_bytes
+
+    def spy(self: Path) -> bytes:
+        opened.append(str(self))
+        return original(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "read_bytes", spy)
+        result = train(_request(world, dataset, out))
+    catalogue, queries = world["catalogue"], world["queries"]
+    assert result.card["training"]["dataset"]["embeddings"] == "encoder service"
+    assert {str(dataset / p) for p in catalogue} <= set(opened)  # type: ignore[attr-defined]
+    assert not {str(dataset / p) for p in queries} & set(opened)  # type: ignore[attr-defined]
+    return out
+
+
+def test_training_does_not_change_without_the_queries(world: dict[str, object], trained: Path) -> None:
+    """The same catalogue in a copy of the dataset whose query images, query list and query lines
+    are gone: the same catalogue fingerprint (the evaluator's cached embeddings are found), and the
+    same head, byte for byte."""
+    dataset = Path(str(world["dataset"]))
+    copy = Path(str(world["work"])) / "no-queries"
+    shutil.copytree(dataset, copy)
+    queries = set(world["queries"])  # type: ignore[call-overload]
+    for path in queries:
+        (copy / path).unlink()
+    (copy / "split_test.txt").unlink()
+    lines = (copy / "list_of_images.txt").read_text().splitlines()
+    (copy / "list_of_images.txt").write_text("\n".join(x for x in lines if x.split("\t")[0] not in queries) + "\n")
+    result = train(_request(world, copy, Path(str(world["work"])) / "other" / "sample"))
+    first = json.loads((trained / CARD_FILE).read_text())["training"]
+    second = result.card["training"]
+    assert second["dataset"]["embeddings"] == "evaluator cache"
+    assert second["dataset"]["fingerprint"] == first["dataset"]["fingerprint"]
+    assert (result.directory / HEAD_FILE).read_bytes() == (trained / HEAD_FILE).read_bytes()
+    assert [t["validation_map"] for t in second["search"]["trials"]] == [
+        t["validation_map"] for t in first["search"]["trials"]]
+    assert first["validation_curve"] and (trained / "validation_curve.png").is_file()
+    assert (trained / "tsne_before_after.png").is_file()
+
+
+def test_the_adapter_is_served_evaluated_and_reported_beside_its_base(world: dict[str, object],
+                                                                      trained: Path) -> None:
+    stub = world["stub"]
+    spec = evaluator_pb2.RunSpec(dataset=str(world["dataset"]),
+                                 models=["efficientnet-lite0", "efficientnet-lite0+sample"],
+                                 protocol_name="catalogue_query", catalogue="split_train.txt",
+                                 queries="split_test.txt", tsne=True, run_name="adapted")
+    run_id = stub.StartRun(evaluator_pb2.StartRunRequest(spec=spec)).run_id  # type: ignore[attr-defined]
+    final = list(stub.WatchRun(evaluator_pb2.WatchRunRequest(run_id=run_id), timeout=300))[-1].run  # type: ignore
+    assert final.state == evaluator_pb2.RUN_STATE_SUCCEEDED, final.error
+    reports = [json.loads(Path(p).read_text()) for p in final.reports]
+    adapted = next(r for r in reports if r["model"]["id"] == "efficientnet-lite0+sample")
+    card = json.loads((trained / CARD_FILE).read_text())
+    assert adapted["model"]["adapter_sha256"] == card["head"]["sha256"]
+    assert adapted["model"]["weights_sha256"] == card["base"]["weights_sha256"]
+    md = aggregate(Path(str(world["settings"].output_dir)) / "adapted")[0].read_text()  # type: ignore[attr-defined]
+    assert "### Adapters against their base models" in md
+    assert "- **efficientnet-lite0+sample** (adapter sample" in md
+    assert "  - paired: efficientnet-lite0+sample \u2212 efficientnet-lite0: " in md
+    assert "| efficientnet-lite0 (before) | efficientnet-lite0+sample (after) |" in md

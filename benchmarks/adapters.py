@@ -47,6 +47,7 @@ from services.stack import Stack, StackConfig  # noqa: E402
 
 SHARED = Path(os.environ.get("RETRIEVAL_SHARED_DIR", ROOT.parent / "shared"))
 CALTECH = SHARED / "datasets" / "caltech101"
+SAMPLES = ("caltech-half", "caltech-other-half", "digits")
 
 
 def log(message: str) -> None:
@@ -79,11 +80,11 @@ def write_sample(kind: str, root: Path) -> Path:
 
         write_digits(root)
         items = [tuple(line.split("\t")) for line in (root / "list_of_images.txt").read_text().splitlines() if line]
-    elif kind == "caltech-half":
-        # The classes Caltech-101 lists at odd positions (sorted): 50 classes none of which the other
-        # half shares; images copied (a dataset may not reach outside its root through links).
+    elif kind in ("caltech-half", "caltech-other-half"):
+        # The classes at odd positions of Caltech-101's sorted class list (50), or the others (51): no
+        # class in common. Images are copied (a dataset may not reach outside its root through links).
         lines = [line.split("\t") for line in (CALTECH / "list_of_images.txt").read_text().splitlines() if line]
-        classes = sorted({label for _, label in lines})[1::2]
+        classes = sorted({label for _, label in lines})[1 if kind == "caltech-half" else 0::2]
         keep = set(classes)
         items = []
         for path, label in lines:
@@ -122,8 +123,11 @@ def evaluate(client: EvaluatorClient, dataset: Path, model: str, args: argparse.
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=str(CALTECH))
-    parser.add_argument("--sample", choices=["caltech-half", "digits"],
+    parser.add_argument("--sample", choices=SAMPLES,
                         help="write this labelled set (70/30 split) into the work folder and use it instead")
+    parser.add_argument("--transfer-sample", choices=SAMPLES,
+                        help="also evaluate the trained adapter, and its base, on this other set (classes the "
+                             "adapter never saw: what an adapter does outside its catalogue's classes)")
     parser.add_argument("--catalogue", default="split_train.txt")
     parser.add_argument("--queries", default="split_test.txt")
     parser.add_argument("--encoder", default="efficientnet-lite0")
@@ -137,11 +141,14 @@ def main() -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="adapters-bench-")).resolve()
     dataset = write_sample(args.sample, work / "datasets" / args.sample) if args.sample else Path(args.dataset)
     dataset = dataset.resolve()
+    transfer = (write_sample(args.transfer_sample, work / "datasets" / args.transfer_sample).resolve()
+                if args.transfer_sample else None)
     name = args.name or dataset.name
     adapters_dir = work / "adapters"
     cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else work / "cache"
     config = StackConfig.on_free_ports(data_dir=work / "qdrant", log_dir=work / "logs", output_dir=work / "reports",
-                                       cache_dir=cache_dir, models=(args.encoder,), allowed_roots=(dataset,),
+                                       cache_dir=cache_dir, models=(args.encoder,),
+                                       allowed_roots=(dataset,) if transfer is None else (dataset, transfer),
                                        adapters_dir=adapters_dir)
     log(f"[1/4] starting the stack ({args.encoder}, adapters from {adapters_dir}; work folder {work})")
     with Stack(config), EvaluatorClient(config.address("evaluator")) as client:
@@ -159,6 +166,10 @@ def main() -> int:
         training = card["training"]
         log(f"[4/4] {args.encoder}+{name} served by the encoder: catalogue/query")
         adapted = evaluate(client, dataset, f"{args.encoder}+{name}", args)
+        if transfer is not None:
+            log(f"[+] the same adapter and its base on {transfer} (classes it was not trained on)")
+            outside = [evaluate(client, transfer, model, args)["metrics"] for model in
+                       (args.encoder, f"{args.encoder}+{name}")]
     summary, _ = aggregate(work / "reports" / "adapters")
     text = summary.read_text()
     start = text.find("### Adapters against their base models")
@@ -173,6 +184,9 @@ def main() -> int:
     m_frozen, m_adapter = frozen["metrics"]["map"], adapted["metrics"]["map"]
     p1_frozen, p1_adapter = frozen["metrics"]["precision_at_k"]["1"], adapted["metrics"]["precision_at_k"]["1"]
     log(f"  P@1 {p1_frozen:.4f} -> {p1_adapter:.4f} ({'did not fall' if p1_adapter >= p1_frozen else 'FELL'})")
+    if transfer is not None:
+        log(f"TRANSFER {transfer.name}: map_frozen={outside[0]['map']:.4f} map_adapter={outside[1]['map']:.4f} "
+            f"P@1 {outside[0]['precision_at_k']['1']:.4f} -> {outside[1]['precision_at_k']['1']:.4f}")
     print(f"RESULT map_frozen={m_frozen:.4f} map_adapter={m_adapter:.4f} "
           f"gain_points={100 * (m_adapter - m_frozen):.2f} train_seconds={training['train_seconds']:.1f}")
     return 0

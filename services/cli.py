@@ -315,10 +315,16 @@ def _adapt_train(args: argparse.Namespace) -> int:
     settings = SearchSettings(budget_seconds=args.budget_seconds, max_trials=args.max_trials,
                               max_epochs=args.max_epochs, validation_fraction=args.validation_fraction,
                               seed=args.seed, losses=tuple(args.losses))
+    from services.common.errors import ServiceError
+
     endpoint = _endpoint(args.encoder_address, args) if args.encoder_address else None
-    result = train(TrainRequest(dataset=Path(args.dataset), catalogue=args.catalogue or "", encoder=args.encoder,
-                                out=Path(args.out), encoder_endpoint=endpoint, cache_dir=Path(args.cache_dir),
-                                settings=settings))
+    try:
+        result = train(TrainRequest(dataset=Path(args.dataset), catalogue=args.catalogue or "", encoder=args.encoder,
+                                    out=Path(args.out), encoder_endpoint=endpoint, cache_dir=Path(args.cache_dir),
+                                    settings=settings))
+    except ServiceError as exc:
+        print(f"adapt train: {exc.message}", file=sys.stderr)
+        return 2
     training = result.card["training"]
     print(f"adapter {result.model_id}: validation mAP {training['base_validation_map']:.4f} (base) -> "
           f"{training['best_validation_map']:.4f} ({result.card['loss']}); trained in {result.train_seconds:.1f} s; "

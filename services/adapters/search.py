@@ -22,6 +22,7 @@ import torch
 from services.adapters.data import Catalogue, validation_split
 from services.adapters.train import MINERS, Fit, Hyper, Pruned, fit, hyper_dict
 from services.common.adapters import check_name, write_adapter
+from services.common.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,10 @@ def train_adapter(catalogue: Catalogue, *, name: str, out: Path, base_model: str
     t-SNE maps of the validation items).
 
     ``train_seconds`` is the search plus the refit (not the embedding, not the figures).
+
+    Raises:
+        FailedPrecondition: no configuration beat the base embeddings on validation (an adapter
+            that makes retrieval worse is never written).
     """
     check_name(name)
     say = progress or (lambda _m: None)
@@ -196,6 +201,11 @@ def train_adapter(catalogue: Catalogue, *, name: str, out: Path, base_model: str
     n_classes = len(catalogue.classes)
     result = search(catalogue.vectors, catalogue.labels, n_classes, validation, settings, say)
     best = result.best
+    if not best.best_map > result.base_map:
+        raise FailedPrecondition(
+            f"no adapter beat the base embeddings on the held-out part of the catalogue (validation mAP "
+            f"{best.best_map:.4f} against {result.base_map:.4f} for {base_model} alone, {len(result.trials)} "
+            "trials); nothing was written. A larger --budget-seconds, or more images per class, may help")
     say(f"selected: {best.hyper.loss} {hyper_dict(best.hyper)}, validation mAP {best.best_map:.4f} at epoch "
         f"{best.best_epoch}; refitting on all {len(catalogue.labels)} catalogue items")
     refit = fit(catalogue.vectors, catalogue.labels, catalogue.vectors[:0], catalogue.labels[:0], best.hyper,

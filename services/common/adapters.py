@@ -257,4 +257,6 @@ def write_adapter(directory: Path, head: Head, card: dict[str, Any]) -> str:
     atomic_write_text(directory / CARD_FILE, card_text)
     sums = f"{digest}  {HEAD_FILE}\n{sha256_bytes(card_text.encode())}  {CARD_FILE}\n"
     atomic_write_text(directory / SUMS_FILE, sums)
+    for name in (HEAD_FILE, CARD_FILE, SUMS_FILE):  # temporary files are 0600; an encoder may run as another user
+        (directory / name).chmod(0o644)
     return digest

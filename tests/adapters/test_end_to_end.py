@@ -144,3 +144,28 @@ def test_the_adapter_is_served_evaluated_and_reported_beside_its_base(world: dic
     assert "- **efficientnet-lite0+sample** (adapter sample" in md
     assert "  - paired: efficientnet-lite0+sample \u2212 efficientnet-lite0: " in md
     assert "| efficientnet-lite0 (before) | efficientnet-lite0+sample (after) |" in md
+
+
+def test_the_command_trains_from_the_evaluators_cache_alone(world: dict[str, object], trained: Path) -> None:
+    """`retrieval adapt train` without an encoder: the embeddings the first training stored in the
+    evaluator's cache, the base checksum from the registry."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = Path(str(world["work"])) / "cli" / "from-cache"
+    done = subprocess.run([sys.executable, "-m", "services.cli", "adapt", "train", "--dataset", str(world["dataset"]),
+                           "--catalogue", "split_train.txt", "--out", str(out), "--cache-dir",
+                           str(Path(str(world["work"])) / "cache"), "--max-trials", "1", "--max-epochs", "3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "embeddings from the evaluator cache" in done.stdout
+    assert "adapter efficientnet-lite0+from-cache: validation mAP" in done.stdout
+    card = json.loads((out / CARD_FILE).read_text())
+    assert card["base"]["weights_sha256"] == json.loads((trained / CARD_FILE).read_text())["base"]["weights_sha256"]
+    missing = subprocess.run([sys.executable, "-m", "services.cli", "adapt", "train", "--dataset",
+                              str(world["dataset"]), "--catalogue", "split_train.txt", "--out", str(out.parent / "x"),
+                              "--cache-dir", str(out.parent / "empty-cache")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "give --encoder-address" in missing.stderr

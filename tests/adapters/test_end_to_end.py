@@ -157,7 +157,8 @@ def test_the_command_trains_from_the_evaluators_cache_alone(world: dict[str, obj
     out = Path(str(world["work"])) / "cli" / "from-cache"
     done = subprocess.run([sys.executable, "-m", "services.cli", "adapt", "train", "--dataset", str(world["dataset"]),
                            "--catalogue", "split_train.txt", "--out", str(out), "--cache-dir",
-                           str(Path(str(world["work"])) / "cache"), "--max-trials", "1", "--max-epochs", "3"],
+                           str(Path(str(world["work"])) / "cache"), "--max-trials", "2", "--max-epochs", "6",
+                           "--validation-fraction", "0.25"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "embeddings from the evaluator cache" in done.stdout

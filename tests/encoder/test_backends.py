@@ -15,8 +15,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from retrieval.v1 import encoder_pb2, encoder_pb2_grpc
-from services.common.client import channel
 
+from services.common.clients import channel
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.encoder import backends
 from services.encoder.backends import (

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from types import FrameType
 
 import uvicorn
 
@@ -25,6 +27,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, with SIGTERM a clean stop (exit 0, as the gRPC services do): uvicorn itself
+    re-raises a caught signal after shutting down, so the process would end killed by it."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for open requests
+        else:
+            self.should_exit = True
+
+
 def _server(settings: WebSettings, gateway: Gateway) -> uvicorn.Server:
     if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
         raise ValueError("HTTPS: give both --tls-cert-file and --tls-key-file, or neither")
@@ -33,7 +46,7 @@ def _server(settings: WebSettings, gateway: Gateway) -> uvicorn.Server:
         ssl_certfile=str(settings.tls_cert_file) if settings.tls_cert_file else None,
         ssl_keyfile=str(settings.tls_key_file) if settings.tls_key_file else None,
         timeout_graceful_shutdown=5, server_header=False)
-    return uvicorn.Server(config)
+    return _Server(config)
 
 
 def url(settings: WebSettings, port: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.conftest import CALTECH101
 from tests.evaluator.conftest import Stack, start_stack, write_dataset
 
 CLASSES, PER_CLASS, SEED = 6, 8, 11
+SCREENSHOT_DIRS: list[Path] = []
 
 
 @dataclass
@@ -75,3 +77,19 @@ def web_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebStack]:
             yield WebStack(services, dataset, work, indexed, settings, web)
         finally:
             web.stop()
+
+
+@pytest.fixture(scope="session")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the browser tests keep their screenshots: ``$WEB_SCREENSHOTS``, else under pytest's temp dir."""
+    folder = (Path(os.environ["WEB_SCREENSHOTS"]) if os.environ.get("WEB_SCREENSHOTS")
+              else tmp_path_factory.mktemp("web-screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    SCREENSHOT_DIRS.append(folder)
+    return folder
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for folder in SCREENSHOT_DIRS:
+        shots = sorted(p.name for p in folder.glob("*.png"))
+        terminalreporter.write_line(f"web screenshots in {folder}: {', '.join(shots) or 'none'}")

@@ -10,7 +10,7 @@ const TOKEN_KEY = "retrieval_token";
 const $ = (id) => document.getElementById(id);
 const state = { view: "search", c: "", m: "", q: "", k: 48, labels: "", dup: "", report: "" };
 const live = { collections: [], models: [], health: null, page: null, loaded: 0, loading: false,
-               encoderUp: true, watching: null, runId: "" };
+               encoderUp: true, watching: null, runId: "", observer: null };
 
 // -- URL state ---------------------------------------------------------------------------------------
 
@@ -318,6 +318,7 @@ function render(page, fresh) {
   if (fresh) list.replaceChildren();
   for (const hit of page.hits) list.append(card(hit));
   live.loaded = page.offset + page.hits.length;
+  watchScroll();
   const hidden = page.hidden_duplicates ? `, ${page.hidden_duplicates} near-duplicates hidden` : "";
   $("summary").textContent = page.total
     ? `${page.total} results in ${page.collection} (${page.model}${page.exact ? ", exact" : ""}${hidden}); showing ${live.loaded}.`
@@ -415,7 +416,10 @@ async function loadRunForm() {
   const ids = live.models.length ? live.models.map((m) => m.id)
     : [...new Set(live.collections.map((c) => c.model).filter(Boolean))];
   models.replaceChildren(...ids.map((id) => new Option(id, id)));
-  if (models.options.length) models.options[0].selected = true;
+  // The models the encoder has loaded are the quick ones to run; choose those to begin with.
+  const loaded = new Set(live.models.filter((m) => m.loaded).map((m) => m.id));
+  for (const option of models.options) option.selected = loaded.has(option.value);
+  if (!models.selectedOptions.length && models.options.length) models.options[0].selected = true;
 }
 
 async function loadRuns() {
@@ -708,6 +712,15 @@ function wire() {
     runSearch(true);
   });
   $("apply").addEventListener("click", () => { readOptions(); runSearch(true); });
+  for (const id of ["k", "labels", "threshold", "dedup"]) {
+    // Enter in an option applies it (the form's own submit button is off for image-only models).
+    $(id).addEventListener("keydown", (event) => {
+      if (event.key !== "Enter") return;
+      event.preventDefault();
+      readOptions();
+      runSearch(true);
+    });
+  }
   $("viewer-close").addEventListener("click", () => $("viewer").close());
   $("run-form").addEventListener("submit", startRun);
   $("run-cancel").addEventListener("click", cancelRun);
@@ -725,9 +738,17 @@ function wire() {
       else { $("results").replaceChildren(); $("summary").textContent = ""; $("query").replaceChildren(); }
     }
   });
-  new IntersectionObserver((entries) => {
+  live.observer = new IntersectionObserver((entries) => {
     if (entries.some((e) => e.isIntersecting)) loadMore();
-  }, { rootMargin: "400px" }).observe($("more"));
+  }, { rootMargin: "400px" });
+  watchScroll();
+}
+
+function watchScroll() {
+  // Observing anew reports the sentinel's current state: a page that leaves it in view loads the next.
+  if (!live.observer) return;
+  live.observer.unobserve($("more"));
+  live.observer.observe($("more"));
 }
 
 wire();

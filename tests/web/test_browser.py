@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000
+FIRST_PAGE = 24  # results the page fetches at first (app.js PAGE)
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +64,17 @@ class Page:
         return self.page.eval_on_selector_all("#results li.card .label", "els => els.map(e => e.textContent)")
 
     def wait_results(self, previous: list[str] | None = None) -> list[str]:
-        """Waits for results (different from ``previous`` when given) and for their first images to load."""
+        """Waits for results (different from ``previous`` when given) and for their first images to load;
+        returns the first page's point ids."""
         self.page.wait_for_selector("#results li.card")
         if previous is not None:
             self.page.wait_for_function("prev => { const ids = [...document.querySelectorAll('#results li.card')]"
-                                        ".map(e => e.dataset.id); return ids.length && ids.join() !== prev; }",
+                                        ".map(e => e.dataset.id).slice(0, 24); return ids.length && "
+                                        "ids.join() !== prev; }",
                                         arg=",".join(previous))
         self.page.wait_for_function("() => [...document.querySelectorAll('#results img')].slice(0, 4)"
                                     ".every(i => i.complete && i.naturalWidth > 0)")
-        return self.results()
+        return self.results()[:FIRST_PAGE]  # a next page may or may not be there yet (lazy loading)
 
     def shot(self, folder: Path, name: str, full: bool = False) -> Path:
         """A screenshot once the images in view have loaded (lazy ones below the fold stay unloaded)."""

@@ -188,23 +188,33 @@ def _demo(args: argparse.Namespace) -> int:
         spec = RunSpec(dataset=str(dataset), models=tuple(args.models), protocol=args.protocol,
                        catalogue=args.catalogue or "", queries=args.queries or "", tsne=not args.no_tsne)
         code = _follow_runs(config.address("evaluator"), args, [spec])
-        if code == 0:
-            # A collection to search on the page (the run's own evaluation collections are dropped);
-            # the run's embeddings come from the cache.
+        if code != 0:
+            return code
+        # A collection to search on the page (the run's own evaluation collections are dropped); the
+        # run's embeddings come from the cache.
+        from services.common.errors import ServiceError
+
+        try:
             indexed = _index_dataset(config.address("encoder"), config.address("search"), dataset, args.models[0],
                                      config.cache_dir, args)
-            print(f"search page: {config.web_url}?c={indexed.collection} ({indexed.indexed} images of "
-                  f"{indexed.dataset}, {indexed.model})", flush=True)
-            if args.serve:
-                _serve_until_stopped(f"serving until Ctrl-C: {config.web_url}")
-    if code != 0:
-        return code
-    md_path, html_path = aggregate(output)
-    name = dataset.name
-    reports = [r for r in load_reports(output) if r["dataset"]["name"] == name and r["protocol"] == args.protocol]
-    print(f"\nmAP, {args.protocol} on {name} ({reports[0]['dataset']['n_images']} images):\n")
-    print(markdown_table(reports, "map"))
-    print(f"\nreport: {md_path}\n        {html_path}\ntotal {time.monotonic() - start:.0f} s")
+        except ServiceError as exc:  # e.g. a train/ + test/ folder split, which is no single dataset
+            indexed = None
+            print(f"not indexed for the search page: {exc.message}")
+        md_path, html_path = aggregate(output)
+        name = dataset.name
+        reports = [r for r in load_reports(output) if r["dataset"]["name"] == name and r["protocol"] == args.protocol]
+        print(f"\nmAP, {args.protocol} on {name} ({reports[0]['dataset']['n_images']} images):\n")
+        print(markdown_table(reports, "map"))
+        print(f"\nreport: {md_path}\n        {html_path}")
+        page = f"{config.web_url}?c={indexed.collection}" if indexed else config.web_url
+        if indexed:
+            print(f"search page: {page} ({indexed.indexed} images of {indexed.dataset}, {indexed.model})")
+        print(f"total {time.monotonic() - start:.0f} s", flush=True)
+        if args.serve:
+            _serve_until_stopped(f"serving the stack and the search page until Ctrl-C: {page}")
+        else:
+            print(f"(the stack stops now; `retrieval demo --serve` keeps it and the page up; the collection stays "
+                  f"in {config.data_dir})")
     return 0
 
 

@@ -38,6 +38,8 @@ def test_demo_benchmarks_digits_through_the_stack(tmp_path: Path) -> None:
     assert abs(report["metrics"]["map"] - float(row.group(1))) < 1e-4
     assert report["dataset"]["n_classes"] == 10 and report["index"]["recall_at_k"]["1"] == 1.0
     assert (tmp_path / "reports" / "summary.html").is_file()
+    # The demo leaves a collection to search on the page (the run's own collections are dropped).
+    assert re.search(r"search page: http://\S+/\?c=digits__efficientnet-lite0 \(1797 images", done.stdout)
 
 
 @pytest.mark.slow

@@ -111,15 +111,21 @@ def test_upload_shows_its_class_on_top_a_result_searches_again_and_reload_repeat
     labels = tab.labels()
     assert labels[0] == label and labels[:5].count(label) >= 4, labels[:10]
     assert re.search(r"[?&]q=upload%3A[0-9a-f]{32}", tab.page.url), tab.page.url
+    upload_url = tab.page.url
     alts = tab.page.eval_on_selector_all("#results img", "els => els.map(e => e.alt)")
     assert all(label in alt for alt in alts[:4]) and all(alts)
     assert tab.page.inner_text("#results li.card .rank >> nth=0") == "#1"
     tab.shot(shots, "search.png")
-    upload_url = tab.page.url
 
     # Reload: the URL alone gives the same results.
     tab.page.reload()
     assert tab.wait_results() == first
+    # Even after the gateway forgot the upload (a restart): this tab sends the image again.
+    web_stack.web.gateway._queries.clear()
+    web_stack.web.gateway._results.clear()
+    tab.page.reload()
+    again = tab.wait_results()
+    assert again == first and tab.page.url == upload_url
 
     # "Search with this" on the third result: a new search by that stored image.
     chosen = first[2]

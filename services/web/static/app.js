@@ -10,7 +10,7 @@ const TOKEN_KEY = "retrieval_token";
 const $ = (id) => document.getElementById(id);
 const state = { view: "search", c: "", m: "", q: "", k: 48, labels: "", dup: "", report: "" };
 const live = { collections: [], models: [], health: null, page: null, loaded: 0, loading: false,
-               encoderUp: true, watching: null, runId: "", observer: null };
+               encoderUp: true, watching: null, runId: "", observer: null, generation: 0 };
 
 // -- URL state ---------------------------------------------------------------------------------------
 
@@ -222,19 +222,29 @@ function showOptions() {
   if (state.q.startsWith("text:")) $("text").value = state.q.slice(5);
 }
 
+function newSearch() {
+  // Answers to an older search (its next page still loading, say) must not land in this one.
+  live.generation += 1;
+  live.loaded = 0;
+  live.page = null;
+  live.loading = false;
+  $("results").replaceChildren();
+  $("summary").textContent = "Searching...";
+  return live.generation;
+}
+
 async function runSearch(push) {
   if (!state.c || !state.q) return;
   writeUrl(push);
   describeQuery();
-  live.loaded = 0;
-  live.page = null;
-  $("results").replaceChildren();
-  $("summary").textContent = "Searching...";
+  const generation = newSearch();
   try {
     const page = await api(`/api/search?${searchParams(0)}`);
+    if (generation !== live.generation) return;  // a newer search has started
     clearError();
     render(page, true);
   } catch (err) {
+    if (generation !== live.generation) return;
     if (err.status === 404 && state.q.startsWith("upload:") && await reupload()) return;
     $("summary").textContent = "";
     showError(err.message);
@@ -245,9 +255,16 @@ async function reupload() {
   // The gateway forgot the uploaded query (restart, expiry); this tab still has the image.
   const data = sessionStorage.getItem(state.q);
   if (!data) return false;
-  const blob = await (await fetch(data)).blob();
-  await upload(blob, false);
+  await upload(blobOf(data), false);
   return true;
+}
+
+function blobOf(dataUrl) {
+  // Not fetch(dataUrl): the page's Content-Security-Policy lets it connect to the gateway only.
+  const [head, body] = dataUrl.split(",", 2);
+  const type = (head.match(/^data:([^;,]+)/) || [])[1] || "application/octet-stream";
+  const bytes = Uint8Array.from(atob(body), (c) => c.charCodeAt(0));
+  return new Blob([bytes], { type });
 }
 
 async function upload(blob, push) {
@@ -261,10 +278,10 @@ async function upload(blob, push) {
   if (state.labels) form.append("labels", state.labels);
   if (state.dup) form.append("duplicates", state.dup);
   form.append("limit", String(PAGE));
-  $("summary").textContent = "Searching...";
-  $("results").replaceChildren();
+  const generation = newSearch();
   try {
     const page = await api("/api/search/image", { method: "POST", body: form });
+    if (generation !== live.generation) return;
     state.q = page.query;
     if (blob.size <= PREVIEW_MAX) {
       try { sessionStorage.setItem(page.query, await dataUrl(blob)); } catch (err) { /* storage full */ }
@@ -274,6 +291,7 @@ async function upload(blob, push) {
     clearError();
     render(page, true);
   } catch (err) {
+    if (generation !== live.generation) return;
     $("summary").textContent = "";
     showError(err.message);
   }
@@ -378,12 +396,14 @@ async function loadMore() {
   const page = live.page;
   if (!page || live.loading || live.loaded >= page.total) return;
   live.loading = true;
+  const generation = live.generation;
   try {
-    render(await api(`/api/search?${searchParams(live.loaded)}`), false);
+    const next = await api(`/api/search?${searchParams(live.loaded)}`);
+    if (generation === live.generation) render(next, false);
   } catch (err) {
-    showError(err.message);
+    if (generation === live.generation) showError(err.message);
   } finally {
-    live.loading = false;
+    if (generation === live.generation) live.loading = false;
   }
 }
 

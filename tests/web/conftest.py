@@ -93,3 +93,34 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for folder in SCREENSHOT_DIRS:
         shots = sorted(p.name for p in folder.glob("*.png"))
         terminalreporter.write_line(f"web screenshots in {folder}: {', '.join(shots) or 'none'}")
+
+
+@dataclass
+class ClipGateway:
+    """A gateway whose encoder has a text tower (CLIP ViT-B/32, random weights: plumbing, not quality)."""
+
+    web: RunningGateway
+    collection: str
+
+
+@pytest.fixture(scope="session")
+def clip_gateway(web_stack: WebStack) -> Iterator[ClipGateway]:
+    from services.encoder.config import EncoderSettings
+    from services.encoder.servicer import create_encoder_server
+
+    running, core = create_encoder_server(EncoderSettings(port=0, metrics_port=-1, models=["clip-vit-b-32"],
+                                                          default_model="clip-vit-b-32", random_weights=True),
+                                          background=False)
+    address = f"127.0.0.1:{running.port}"
+    try:
+        with EncoderClient(address) as encoder, SearchClient(web_stack.settings.search_address) as search:
+            indexed = index_dataset(encoder, search, open_dataset(web_stack.dataset, allowed_roots=[web_stack.dataset]),
+                                    "clip-vit-b-32")
+        web = start_in_thread(web_stack.gateway_settings(encoder_address=address))
+        try:
+            yield ClipGateway(web, indexed.collection)
+        finally:
+            web.stop()
+    finally:
+        running.stop(0)
+        core.close()

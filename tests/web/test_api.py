@@ -17,7 +17,7 @@ from services.search.config import SearchSettings
 from services.search.servicer import create_search_server
 from services.stack import free_port
 from services.web.server import start_in_thread
-from tests.web.conftest import WebStack, held_out
+from tests.web.conftest import ClipGateway, WebStack, held_out
 
 pytestmark = pytest.mark.slow  # real EfficientNet-Lite0 and Caltech-101 images
 
@@ -212,3 +212,15 @@ def test_runs_unknown_and_bad_are_refused_as_sentences(api: httpx.Client) -> Non
     assert unknown.status_code == 404 and "no dataset named 'not-served'" in unknown.json()["error"]
     bad = api.post("/api/runs", json={"dataset": "x", "models": []})
     assert bad.status_code == 400 and bad.json()["error"].startswith("Invalid request: models")
+
+
+def test_text_queries_go_to_a_text_tower(clip_gateway: ClipGateway) -> None:
+    with httpx.Client(base_url=clip_gateway.web.url, timeout=120) as client:
+        models = {m["id"]: m for m in client.get("/api/models").json()}
+        assert models["clip-vit-b-32"]["text"] and not models["efficientnet-lite0"]["text"]
+        page = client.get("/api/search", params={"collection": clip_gateway.collection,
+                                                 "query": "text:a photo of a laptop", "k": 10}).json()
+        assert page["model"] == "clip-vit-b-32" and page["query"] == "text:a photo of a laptop"
+        assert len(page["hits"]) == 10
+        long = client.get("/api/search", params={"collection": clip_gateway.collection, "query": "text:" + "x" * 1001})
+        assert long.status_code == 400 and "at most 1000" in long.json()["error"]

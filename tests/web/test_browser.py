@@ -17,7 +17,7 @@ import pytest
 from services.stack import free_port
 from services.web.server import start_in_thread
 from tests.conftest import require_binary
-from tests.web.conftest import WebStack, held_out
+from tests.web.conftest import ClipGateway, WebStack, held_out
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +103,7 @@ def tab(browser: object, web_stack: WebStack) -> Iterator[Page]:
 def test_upload_shows_its_class_on_top_a_result_searches_again_and_reload_repeats(
         tab: Page, web_stack: WebStack, shots: Path) -> None:
     image, label = held_out(web_stack.dataset)[0]
-    tab.open("/")
+    tab.open(f"/?c={web_stack.indexed.collection}")
     assert tab.page.locator("#text").is_disabled()  # EfficientNet has no text tower, and the page says so
     assert "no text tower" in tab.page.inner_text("#text-note")
     tab.page.set_input_files("#file", str(image))
@@ -149,10 +149,10 @@ def test_upload_shows_its_class_on_top_a_result_searches_again_and_reload_repeat
     tab.page.wait_for_function("() => document.querySelectorAll('#results li.card').length === 40")
 
 
-def test_a_bad_upload_shows_a_sentence(tab: Page, shots: Path, tmp_path: Path) -> None:
+def test_a_bad_upload_shows_a_sentence(tab: Page, web_stack: WebStack, shots: Path, tmp_path: Path) -> None:
     bad = tmp_path / "holiday.jpg"
     bad.write_bytes(b"this is a text file, not a photo\n")
-    tab.open("/")
+    tab.open(f"/?c={web_stack.indexed.collection}")
     tab.page.set_input_files("#file", str(bad))
     error = tab.page.locator("#error")
     error.wait_for(state="visible")
@@ -166,7 +166,7 @@ def test_a_bad_upload_shows_a_sentence(tab: Page, shots: Path, tmp_path: Path) -
 
 def test_the_search_works_from_the_keyboard_and_inputs_are_labelled(tab: Page, web_stack: WebStack) -> None:
     image, _ = held_out(web_stack.dataset)[1]
-    tab.open("/")
+    tab.open(f"/?c={web_stack.indexed.collection}")
     tab.page.set_input_files("#file", str(image))
     first = tab.wait_results()
     unlabelled = tab.page.evaluate("""[...document.querySelectorAll('input, select')]
@@ -204,7 +204,7 @@ def test_phone_width(browser: object, web_stack: WebStack, shots: Path) -> None:
     phone = Page(browser, web_stack.url.rstrip("/"), width=390, height=844)
     try:
         image, label = held_out(web_stack.dataset)[2]
-        phone.open("/")
+        phone.open(f"/?c={web_stack.indexed.collection}")
         phone.page.set_input_files("#file", str(image))
         phone.wait_results()
         assert phone.labels()[0] == label
@@ -275,3 +275,20 @@ def test_with_the_encoder_down_the_page_says_so_and_keeps_working(browser: objec
     finally:
         page.close()
         down.stop()
+
+
+def test_a_text_query_for_a_model_with_a_text_tower(browser: object, clip_gateway: ClipGateway) -> None:
+    page = Page(browser, clip_gateway.web.url.rstrip("/"))
+    try:
+        page.open(f"/?c={clip_gateway.collection}")
+        text = page.page.locator("#text")
+        assert text.is_enabled() and page.page.inner_text("#text-note") == ""
+        text.fill("a photo of a laptop")
+        text.press("Enter")
+        first = page.wait_results()
+        assert "q=text%3Aa+photo+of+a+laptop" in page.page.url
+        page.page.reload()
+        assert page.wait_results() == first and page.page.input_value("#text") == "a photo of a laptop"
+        page.check_all_local()
+    finally:
+        page.close()

@@ -1,14 +1,16 @@
-"""Encoder throughput, side by side in one run on the same real images.
+"""Encoder throughput, torch against ONNX Runtime, side by side in one run on the same real images.
 
-1. in-process: decode + preprocess + model in batches, the loop a user would write (images/s);
-2. service: the same images through a separate `retrieval encoder serve` process over gRPC
-   (StreamEmbedImages, batches of --batch images, several messages in flight);
-3. 32 concurrent single-image clients (unary EmbedImages) against a server with dynamic batching
-   on (max batch --batch) and off (max batch 1).
+For each backend (``--backend torch`` and ``--backend onnxruntime`` of the encoder):
 
-Prints progress, a table, and last `RESULT service_vs_inprocess=<ratio> batching_speedup=<ratio>
-inprocess_img_s=<x> service_img_s=<y>`. On a GPU machine: `--device cuda --model clip-vit-b-32
---random-weights` (speed does not depend on weight values).
+1. in-process: decode + preprocess + model in the model's batch size, the loop a user would write
+   (images/s; decoding in the calling thread);
+2. service: a separate `retrieval encoder serve` process, 32 concurrent single-image clients
+   (unary EmbedImages) with dynamic batching on (images/s over ``--seconds``).
+
+Prints progress, a table, and last
+`RESULT ort_vs_torch_service=<r> ort_vs_torch_inprocess=<r2> service_vs_inprocess=<s> service_img_s=<x>`
+where service_vs_inprocess and service_img_s are the ONNX Runtime backend's. Both backends run the
+same weights and the same threads settings. On a GPU machine see benchmarks/encoder_gpu.py.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from services.encoder.core import EncoderCore  # noqa: E402
 from services.encoder.images import load_tensor  # noqa: E402
 
 DATASET = Path(os.environ.get("RETRIEVAL_SHARED_DIR", ROOT.parent / "shared")) / "datasets" / "caltech101"
+BACKENDS = ("torch", "onnxruntime")
 
 
 def load_images(count: int, seed: int) -> list[bytes]:
@@ -50,15 +52,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def in_process(images: list[bytes], args: argparse.Namespace) -> float:
+def _tuning(args: argparse.Namespace) -> dict[str, object]:
+    """The settings both backends share (0 keeps the service's own default)."""
+    return {"max_batch_size": args.model_batch, "decode_workers": args.decode_workers,
+            "onnx_threads": args.onnx_threads, "torch_threads": args.torch_threads}
+
+
+def in_process(images: list[bytes], args: argparse.Namespace, backend: str) -> float:
     """Images/s of decode + preprocess + forward in the model's batch size, decoding in this thread."""
-    settings = EncoderSettings(models=[], device=args.device, random_weights=args.random_weights,
-                               metrics_port=-1, max_batch_size=args.model_batch)
+    settings = EncoderSettings(models=[], device=args.device, random_weights=args.random_weights, metrics_port=-1,
+                               backend=backend, **_tuning(args))  # type: ignore[arg-type]
     core = EncoderCore(settings)
     runtime = core.runtime(args.model)
     pre = runtime.spec.preprocess
     batch = runtime.max_batch_size
-    print(f"      model batch size {batch}", flush=True)
+    print(f"      model batch size {batch}, backend {runtime.backend.name} {runtime.backend.provider}", flush=True)
     try:
         def run() -> None:
             for start in range(0, len(images), batch):
@@ -77,42 +85,28 @@ def in_process(images: list[bytes], args: argparse.Namespace) -> float:
 class Server:
     """`retrieval encoder serve` in its own process."""
 
-    def __init__(self, args: argparse.Namespace, max_batch_size: int) -> None:
+    def __init__(self, args: argparse.Namespace, backend: str) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "services.cli", "encoder", "serve", "--port", str(self.port),
                "--metrics-port", "-1", "--models", args.model, "--default-model", args.model,
-               "--device", args.device, "--max-batch-size", str(max_batch_size),
-               "--max-batch-delay-ms", str(args.delay_ms), "--log-level", "WARNING"]
+               "--device", args.device, "--backend", backend, "--max-batch-delay-ms", str(args.delay_ms),
+               "--log-level", "WARNING"]
+        for name, value in _tuning(args).items():
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
         if args.random_weights:
             cmd.append("--random-weights")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         self.chan = channel(f"127.0.0.1:{self.port}")
         wait_serving(self.chan, timeout=300)
         self.stub = encoder_pb2_grpc.EncoderServiceStub(self.chan)
+        info = self.stub.GetModel(encoder_pb2.GetModelRequest(model=args.model)).model
+        if info.backend != backend:
+            raise RuntimeError(f"server runs backend {info.backend!r}, asked for {backend!r}")
 
     def close(self) -> None:
         self.chan.close()
         self.proc.terminate()
         self.proc.wait(timeout=60)
-
-
-def service_stream(server: Server, images: list[bytes], batch: int) -> float:
-    def requests() -> Iterator[encoder_pb2.StreamEmbedImagesRequest]:
-        for start in range(0, len(images), batch):
-            yield encoder_pb2.StreamEmbedImagesRequest(
-                images=[encoder_pb2.Image(data=d, id=str(start + i))
-                        for i, d in enumerate(images[start:start + batch])])
-
-    def run() -> int:
-        return sum(len(r.results) for r in server.stub.StreamEmbedImages(requests()))
-
-    run()
-    start = time.perf_counter()
-    done = run()
-    elapsed = time.perf_counter() - start
-    if done != len(images):
-        raise RuntimeError(f"stream returned {done} results for {len(images)} images")
-    return len(images) / elapsed
 
 
 def concurrent_clients(server: Server, images: list[bytes], clients: int, seconds: float) -> float:
@@ -131,7 +125,7 @@ def concurrent_clients(server: Server, images: list[bytes], clients: int, second
             count[k] += 1
             i += clients
 
-    # Warm-up: a few rounds so both servers start from the same state.
+    # Warm-up: a few rounds so that every server starts from the same state.
     warm = [threading.Thread(target=lambda: [server.stub.EmbedImages(encoder_pb2.EmbedImagesRequest(
         images=[encoder_pb2.Image(data=images[0])])) for _ in range(2)]) for _ in range(clients)]
     for t in warm:
@@ -157,9 +151,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--random-weights", action="store_true", help="random-init weights (speed only)")
     parser.add_argument("--images", type=int, default=256, help="real Caltech-101 images per pass")
-    parser.add_argument("--batch", type=int, default=32, help="images per streamed request message")
-    parser.add_argument("--model-batch", type=int, default=0,
-                        help="model batch size with batching on (0: the server's auto default)")
+    parser.add_argument("--model-batch", type=int, default=0, help="max batch size (0: the server's auto default)")
+    parser.add_argument("--decode-workers", type=int, default=0, help="decode threads (0: the server's default)")
+    parser.add_argument("--onnx-threads", type=int, default=0, help="ONNX Runtime threads (0: the server's default)")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--delay-ms", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=12.0, help="duration of each concurrent-client run")
@@ -169,39 +164,34 @@ def main() -> None:
     images = load_images(args.images, args.seed)
     mb = sum(map(len, images)) / 1e6
     print(f"{len(images)} Caltech-101 images ({mb:.1f} MB), model {args.model}, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs", flush=True)
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; tuning {_tuning(args)}", flush=True)
 
-    print("[1/4] in-process: decode + preprocess + forward", flush=True)
-    inproc = in_process(images, args)
-    print(f"      {inproc:.1f} images/s", flush=True)
-
-    print("[2/4] service over gRPC (StreamEmbedImages), batching on", flush=True)
-    server = Server(args, max_batch_size=args.model_batch)
-    try:
-        service = service_stream(server, images, args.batch)
-        print(f"      {service:.1f} images/s", flush=True)
-        print(f"[3/4] {args.clients} concurrent single-image clients, batching on (max {args.model_batch or 'auto'}), "
+    inproc: dict[str, float] = {}
+    service: dict[str, float] = {}
+    steps = 2 * len(BACKENDS)
+    for k, backend in enumerate(BACKENDS):
+        print(f"[{2 * k + 1}/{steps}] {backend}: in-process decode + preprocess + forward", flush=True)
+        inproc[backend] = in_process(images, args, backend)
+        print(f"      {inproc[backend]:.1f} images/s", flush=True)
+        print(f"[{2 * k + 2}/{steps}] {backend}: service, {args.clients} concurrent single-image clients, "
               f"{args.seconds:.0f} s", flush=True)
-        on = concurrent_clients(server, images, args.clients, args.seconds)
-        print(f"      {on:.1f} images/s", flush=True)
-    finally:
-        server.close()
-
-    print(f"[4/4] {args.clients} concurrent single-image clients, batching off (max 1), {args.seconds:.0f} s",
-          flush=True)
-    server = Server(args, max_batch_size=1)
-    try:
-        off = concurrent_clients(server, images, args.clients, args.seconds)
-        print(f"      {off:.1f} images/s", flush=True)
-    finally:
-        server.close()
+        server = Server(args, backend)
+        try:
+            service[backend] = concurrent_clients(server, images, args.clients, args.seconds)
+        finally:
+            server.close()
+        print(f"      {service[backend]:.1f} images/s", flush=True)
 
     print()
-    print(f"| measure | images/s |\n|---|---|\n| in-process (decode included) | {inproc:.1f} |\n"
-          f"| service, gRPC stream | {service:.1f} |\n| 32 clients, batching on | {on:.1f} |\n"
-          f"| 32 clients, batching off | {off:.1f} |")
-    print(f"RESULT service_vs_inprocess={service / inproc:.3f} batching_speedup={on / off:.3f} "
-          f"inprocess_img_s={inproc:.1f} service_img_s={service:.1f}")
+    print("| backend | in-process, images/s | service, 32 clients, images/s | service / in-process |")
+    print("|---|---|---|---|")
+    for backend in BACKENDS:
+        print(f"| {backend} | {inproc[backend]:.1f} | {service[backend]:.1f} | "
+              f"{service[backend] / inproc[backend]:.3f} |")
+    ort, base = "onnxruntime", "torch"
+    print(f"RESULT ort_vs_torch_service={service[ort] / service[base]:.3f} "
+          f"ort_vs_torch_inprocess={inproc[ort] / inproc[base]:.3f} "
+          f"service_vs_inprocess={service[ort] / inproc[ort]:.3f} service_img_s={service[ort]:.1f}")
 
 
 if __name__ == "__main__":

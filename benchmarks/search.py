@@ -10,24 +10,35 @@ held-out points of the same distribution.
    messages of ``--ingest-batch`` points, each acknowledged after fsync, as the service does), then
    the index build, single and batched queries, and exact (brute-force) search through Edge;
 3. the same through the gRPC service: ``retrieval search serve`` as its own process on the same data
-   directory (Search and SearchBatch RPCs; then ingest of the same points through Upsert streams);
-4. qdrant-client local mode through the same core (brute force in Python/numpy).
+   directory (Search and SearchBatch RPCs; then ingest of the same points through Upsert streams
+   into a second collection, after which the service is killed with SIGKILL);
+4. the service restarted on that directory builds the second collection's index (its first build:
+   ``--n`` x ``--dim``) while this process, a separate client, calls health Check and Search (on the
+   collection being built) alternately, one due every ``--probe-interval`` s. Each call is timed
+   from when it was due, so a stalled service counts fully (no coordinated omission). The build's
+   start and end come from the service's log; the same calls before it are the comparison. (No
+   writes here: a synced Upsert holds the GIL for its fsync whether or not a build runs; writes
+   during a rebuild are ``benchmarks/search_restart.py``'s subject);
+5. qdrant-client local mode through the same core (brute force in Python/numpy).
 
 Latency is per single query (p50/p99 over ``--queries``); q/s single = 1 / mean latency; q/s batch
 from batches of ``--batch``; recall@10 = |top-10 ∩ exact top-10| / 10, averaged over queries.
 The last line is ``RESULT recall_at_10=<r> p50_ms_inprocess=<x> grpc_overhead_p50_ms=<y>
-ingest_points_s=<z>`` (Edge in-process recall, p50 and ingest; service p50 minus in-process p50).
+ingest_points_s=<z> build_p99_ms=<b>`` (Edge in-process recall, p50 and ingest; service p50 minus
+in-process p50; p99 of health and Search latency during the index build of step 4).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from retrieval.v1 import search_pb2, search_pb2_grpc  # noqa: E402
 
 from services.common.clients import (  # noqa: E402
@@ -196,14 +208,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve(data_dir: Path, port: int, args: argparse.Namespace, *flags: str, log_file: Path | None = None,
+          ) -> subprocess.Popen[bytes]:
+    """``retrieval search serve`` on ``data_dir`` as its own process (its log to ``log_file``, if given)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = open(log_file, "wb") if log_file is not None else None  # noqa: SIM115 - the process owns it
+    return subprocess.Popen([sys.executable, "-m", "services.cli", "search", "serve", "--data-dir", str(data_dir),
+                             "--port", str(port), "--metrics-port", "-1", "--hnsw-ef", str(args.ef), *flags],
+                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+
+
 def through_service(data_dir: Path, catalogue: np.ndarray, classes: np.ndarray, queries: np.ndarray,
                     truth: list[list[str]], args: argparse.Namespace) -> Row:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # No index build during the measurements: the second collection below is only for ingest.
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "search", "serve", "--data-dir", str(data_dir),
-                               "--port", str(port), "--metrics-port", "-1", "--hnsw-ef", str(args.ef),
-                               "--index-idle-seconds", "3600", "--log-level", "WARNING"], cwd=ROOT, env=env)
+    server = serve(data_dir, port, args, "--index-idle-seconds", "3600", "--log-level", "WARNING")
     row = Row("Edge HNSW, through the gRPC service")
     try:
         with channel(f"127.0.0.1:{port}") as chan:
@@ -231,9 +250,130 @@ def through_service(data_dir: Path, catalogue: np.ndarray, classes: np.ndarray, 
             assert sum(a.upserted for a in acks) == len(messages)
             row.ingest_s = len(messages) / (time.perf_counter() - start)
     finally:
-        server.terminate()
+        # As a crash or an OOM kill would: the restart below opens the directory after it.
+        server.kill()
         server.wait(120)
     return row
+
+
+@dataclass
+class BuildRun:
+    """Step 4: the index build through the restarted service, as a client sees it (times in s).
+
+    ``probes`` holds (when the call was due, time.time(); its latency from then, s).
+    The build's own start and end come from the service's log (``index build of ... started`` and
+    ``... s in all``); the probes due in between are the ones ``during`` reports.
+    """
+
+    restart_s: float = 0.0
+    green_s: float = 0.0  # SERVING to the collection's status GREEN
+    build_start: float = 0.0  # time.time(), from the service's log; 0.0 if not found there
+    build_end: float = 0.0
+    probes: list[tuple[float, float]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    server_lines: list[str] = field(default_factory=list)  # the service's own log of the load and build
+
+    def during(self, samples: list[tuple[float, float]]) -> list[float]:
+        """Latencies of the calls that were due while the build ran (all of them if its times are unknown)."""
+        if not self.build_end:
+            return [latency for _, latency in samples]
+        return [latency for due, latency in samples if self.build_start <= due <= self.build_end]
+
+    def before(self, samples: list[tuple[float, float]]) -> list[float]:
+        return [latency for due, latency in samples if due < self.build_start]
+
+
+def percentile_ms(latencies: list[float], q: float) -> float:
+    return float(np.percentile(latencies, q) * 1000) if latencies else float("nan")
+
+
+def paced(calls: list[Callable[[], object]], interval: float, stop: threading.Event,
+          out: list[tuple[float, float]], failures: list[str]) -> None:
+    """Makes the calls in turn, one due every ``interval`` s, until ``stop`` and caught up.
+
+    Appends (when the call was due, time.time(); its latency in s), the latency counted from when
+    the call was due rather than from when it was sent: the calls that fell due while one was stuck
+    are made (late) and counted, as a prober with a fixed schedule would see them.
+    """
+    due = time.monotonic()
+    offset = time.time() - due  # monotonic -> wall clock, to match the service's log
+    i = 0
+    while not (stop.is_set() and due >= time.monotonic()):
+        wait = due - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        try:
+            calls[i % len(calls)]()
+        except Exception as exc:  # reported, and the run goes on
+            failures.append(f"{type(exc).__name__}: {exc}"[:200])
+        out.append((due + offset, time.monotonic() - due))
+        due += interval
+        i += 1
+
+
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+ "
+                       r"((?:loaded collection|index build of) bench__ingest .*)$", re.MULTILINE)
+
+
+def read_build_log(log_file: Path, run: BuildRun) -> None:
+    """Fills in the service's log lines about ``bench__ingest`` and the build's start and end times."""
+    for match in _LOG_LINE.finditer(log_file.read_text(errors="replace")):
+        when = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
+        line = match.group(3)
+        run.server_lines.append(f"{match.group(1)},{match.group(2)} {line}")
+        if line.endswith(" started") and not run.build_start:
+            run.build_start = when
+        elif " s in all;" in line and run.build_start and not run.build_end:
+            run.build_end = when
+
+
+def build_through_service(data_dir: Path, args: argparse.Namespace) -> BuildRun:
+    """Restarts the service on ``data_dir`` and measures it while it builds ``bench__ingest``'s index."""
+    run = BuildRun()
+    port = free_port()
+    log_file = data_dir.parent / "serve-build.log"
+    start = time.monotonic()
+    # The build starts once the collections opened at start have had no writes for 10 s: after
+    # SERVING, so that the probes see the service before the build too (the "before" numbers).
+    server = serve(data_dir, port, args, "--index-idle-seconds", "10", "--log-level", "INFO", log_file=log_file)
+    stop = threading.Event()
+    try:
+        with channel(f"127.0.0.1:{port}") as chan:
+            wait_serving(chan, timeout=300)
+            serving = time.monotonic()
+            run.restart_s = serving - start
+            log(f"  restarted after SIGKILL: SERVING in {run.restart_s:.1f} s; probing before and while the index "
+                "builds...")
+            stub = search_pb2_grpc.SearchServiceStub(chan)
+            health = health_pb2_grpc.HealthStub(chan)
+            rng = np.random.default_rng(args.seed + 1)
+            query = search_pb2.SearchRequest(collection="bench__ingest", limit=K,
+                                             vector=rng.standard_normal(args.dim).tolist())
+            probes = [lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=60),
+                      lambda: stub.Search(query, timeout=60)]
+            prober = threading.Thread(target=paced, args=(probes, args.probe_interval, stop, run.probes,
+                                                          run.failures))
+            prober.start()
+            info = search_pb2.GetCollectionRequest(name="bench__ingest")
+            last_report = serving
+            while stub.GetCollection(info, timeout=60).collection.status != search_pb2.INDEX_STATUS_GREEN:
+                if time.monotonic() - serving > args.build_timeout:
+                    raise TimeoutError(f"bench__ingest not GREEN {args.build_timeout} s after the restart")
+                if time.monotonic() - last_report >= 10:
+                    last_report = time.monotonic()
+                    done = [latency for _, latency in run.probes]
+                    log(f"  {last_report - serving:.0f} s after SERVING: {len(done)} health/search calls, p99 so far "
+                        f"{percentile_ms(done, 99):.1f} ms")
+                time.sleep(0.5)
+            run.green_s = time.monotonic() - serving
+            stop.set()
+            prober.join()
+    finally:
+        stop.set()
+        server.terminate()
+        server.wait(120)
+    read_build_log(log_file, run)
+    return run
 
 
 def qdrant_local(catalogue: np.ndarray, classes: np.ndarray, queries: np.ndarray, truth: list[list[str]],
@@ -268,6 +408,9 @@ def main() -> None:
     parser.add_argument("--ef-construct", type=int, default=128)
     parser.add_argument("--ef", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe-interval", type=float, default=0.025,
+                        help="step 4: s between health/Search calls due during the index build")
+    parser.add_argument("--build-timeout", type=float, default=900, help="step 4: give up after this many s")
     args = parser.parse_args()
 
     log(f"data: {args.n:,} x {args.dim}-d vectors in {args.classes} classes, {args.queries} held-out queries")
@@ -276,16 +419,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-search-"))
     rows: list[Row] = []
     try:
-        log("1/4 exact numpy top-10 (ground truth)")
+        log("1/5 exact numpy top-10 (ground truth)")
         exact, truth = exact_numpy(catalogue, queries, ids, args)
         rows.append(exact)
-        log("2/4 Edge in-process")
+        log("2/5 Edge in-process")
         edge, edge_exact, build = edge_in_process(work / "edge", catalogue, classes, queries, truth, args)
         rows += [edge, edge_exact]
-        log("3/4 gRPC service on the same data directory")
+        log("3/5 gRPC service on the same data directory")
         grpc_row = through_service(work / "edge", catalogue, classes, queries, truth, args)
         rows.append(grpc_row)
-        log("4/4 qdrant-client local mode")
+        log("4/5 the service restarted after SIGKILL, building the ingested collection's index")
+        built = build_through_service(work / "edge", args)
+        log("5/5 qdrant-client local mode")
         rows.append(qdrant_local(catalogue, classes, queries, truth, args))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -301,10 +446,29 @@ def main() -> None:
         print(f"{r.name:<40}{ingest_text:>14}{r.p50_ms:>9.3f}{r.p99_ms:>9.3f}{r.single_qps:>12,.0f}"
               f"{batch_text:>11}{r.recall or 0:>11.4f}{len(r.latencies):>9}")
     overhead = grpc_row.p50_ms - edge.p50_ms
+    during = built.during(built.probes)
+    build_p99 = percentile_ms(during, 99)
+    before = built.before(built.probes)
+    window = (f"{built.build_end - built.build_start:.1f} s (the service's log: copy, child, swap)" if built.build_end
+              else "unknown (no build lines in the service's log: every call counted)")
+    print(f"\nindex build through the service after a SIGKILL: SERVING {built.restart_s:.1f} s after the restart; "
+          f"{args.n:,} x {args.dim}-d index build {window}; SERVING to GREEN {built.green_s:.1f} s")
+    print(f"  health Check + Search (on the collection being built), one due every "
+          f"{args.probe_interval * 1000:.0f} ms, timed from when due: during the build {len(during)} calls, "
+          f"p50 {percentile_ms(during, 50):.1f} ms, p99 {build_p99:.1f} ms, max {percentile_ms(during, 100):.0f} ms; "
+          f"before it (same service, no build) {len(before)} calls, p50 {percentile_ms(before, 50):.1f} ms, "
+          f"p99 {percentile_ms(before, 99):.1f} ms")
+    if built.failures:
+        print(f"  {len(built.failures)} failed calls")
+    for line in built.server_lines:
+        print(f"  service: {line}")
+    for failure in built.failures[:5]:
+        print(f"  failed: {failure}")
     print(f"\ntargets: recall@10 >= 0.99 ({edge.recall:.4f}), p50 <= 5 ms in-process ({edge.p50_ms:.3f} ms), "
-          f"gRPC adds <= 1.5 ms p50 ({overhead:.3f} ms)")
+          f"gRPC adds <= 1.5 ms p50 ({overhead:.3f} ms), health and search p99 <= 250 ms during an index build "
+          f"({build_p99:.1f} ms)")
     print(f"RESULT recall_at_10={edge.recall:.4f} p50_ms_inprocess={edge.p50_ms:.3f} "
-          f"grpc_overhead_p50_ms={overhead:.3f} ingest_points_s={edge.ingest_s:.0f}")
+          f"grpc_overhead_p50_ms={overhead:.3f} ingest_points_s={edge.ingest_s:.0f} build_p99_ms={build_p99:.1f}")
 
 
 if __name__ == "__main__":

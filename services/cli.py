@@ -166,8 +166,8 @@ def _demo(args: argparse.Namespace) -> int:
     """The README's main job: the stack on free ports, a leave-one-out benchmark of the encoders on a
     dataset (scikit-learn's digits by default) through the services, the comparison table."""
     from services.evaluator.reports import aggregate, load_reports, markdown_table
-    from services.evaluator.runner import RunSpec
     from services.evaluator.samples import write_digits
+    from services.evaluator.spec import RunSpec
     from services.stack import Stack, StackConfig
 
     work = Path(args.work_dir)
@@ -273,7 +273,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     """Runs datasets x encoders through the services, then writes the aggregated report."""
     from services.evaluator.config import EvaluatorSettings
     from services.evaluator.reports import aggregate, load_reports, markdown_table
-    from services.evaluator.runner import RunSpec
+    from services.evaluator.spec import RunSpec
 
     specs = [RunSpec(dataset=str(Path(d).resolve()), models=tuple(args.models), protocol=args.protocol,
                      catalogue=args.catalogue or "", queries=args.queries or "", ks=tuple(args.ks),
@@ -361,13 +361,28 @@ def _eval_report(args: argparse.Namespace) -> int:
 
 
 def _eval_compare(args: argparse.Namespace) -> int:
-    from services.evaluator.reports import load_reports, markdown_table
+    """The encoders x datasets table, then per dataset and protocol each encoder's mAP with its 95%
+    interval and the paired comparisons of the encoders on the same queries."""
+    from collections import defaultdict
+
+    from services.evaluator.reports import comparison_sentence, load_reports, markdown_table, paired_comparisons
 
     reports = load_reports(Path(args.directory))
     if not reports:
         print(f"no run reports under {args.directory}", file=sys.stderr)
         return 1
     print(markdown_table(reports, args.metric))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for report in reports:
+        groups[(report["dataset"]["name"], report["protocol"])].append(report)
+    for (dataset, protocol), group in sorted(groups.items()):
+        print(f"\n{dataset} ({protocol}):")
+        for report in sorted(group, key=lambda r: -(r["metrics"]["map"] or 0.0)):
+            low, high = report["metrics"].get("map_ci") or (None, None)
+            interval = f" [{low:.4f}, {high:.4f}]" if low is not None else ""
+            print(f"  {report['model']['id']}: mAP {report['metrics']['map']:.4f}{interval}")
+        for a, b, comparison in paired_comparisons(group):
+            print(f"  {comparison_sentence(a, b, comparison)}")
     return 0
 
 
@@ -379,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     from services.common.settings import ClientSettings, add_settings_arguments
     from services.encoder.config import EncoderSettings
     from services.evaluator.config import EvaluatorSettings
+    from services.evaluator.protocols import PROTOCOLS
     from services.search.config import SearchSettings
     from services.web.config import WebSettings
 
@@ -412,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", action="append", required=True,
                      help="dataset root or list file (repeat for several datasets)")
     run.add_argument("--models", type=_comma_list, default=["efficientnet-lite0"], help="comma-separated ids")
-    run.add_argument("--protocol", choices=["leave_one_out", "catalogue_query"], default="leave_one_out")
+    run.add_argument("--protocol", choices=sorted(PROTOCOLS), default="leave_one_out")
     run.add_argument("--catalogue", help="catalogue list (catalogue_query), relative to the dataset root")
     run.add_argument("--queries", help="query list (catalogue_query), relative to the dataset root")
     run.add_argument("--ks", type=lambda s: [int(k) for k in _comma_list(s)], default=[1, 5, 10, 20, 100])
@@ -481,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", default=os.environ.get("DATASET", ""),
                       help="dataset root [env DATASET; default: scikit-learn's digits]")
     demo.add_argument("--models", type=_comma_list, default=["efficientnet-lite0", "efficientnet-lite2"])
-    demo.add_argument("--protocol", choices=["leave_one_out", "catalogue_query"], default="leave_one_out")
+    demo.add_argument("--protocol", choices=sorted(PROTOCOLS), default="leave_one_out")
     demo.add_argument("--catalogue", help="catalogue list (catalogue_query)")
     demo.add_argument("--queries", help="query list (catalogue_query)")
     demo.add_argument("--output", default="reports/demo")

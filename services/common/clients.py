@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -611,17 +612,18 @@ class SearchClient(_Client):
 
     # collections
     def create_collection(self, name: str, dim: int, model: str = "", dataset: str = "",
-                          exist_ok: bool = False) -> search_pb2.CollectionInfo:
+                          exist_ok: bool = False, exact_only: bool = False) -> search_pb2.CollectionInfo:
         request = search_pb2.CreateCollectionRequest(name=name, dim=dim, model=model, dataset=dataset,
-                                                     exist_ok=exist_ok)
+                                                     exist_ok=exist_ok, exact_only=exact_only)
         # Retried after UNAVAILABLE only with exist_ok: otherwise a lost answer would come back ALREADY_EXISTS.
         return self._call(lambda: self.stub.CreateCollection(request, timeout=self.endpoint.timeout).collection,
                           idempotent=exist_ok)
 
-    def recreate_collection(self, name: str, dim: int, model: str = "", dataset: str = "") -> None:
+    def recreate_collection(self, name: str, dim: int, model: str = "", dataset: str = "",
+                            exact_only: bool = False) -> None:
         """A fresh, empty collection (an earlier one of the same name is dropped)."""
         self.delete_collection(name, missing_ok=True)
-        self.create_collection(name, dim, model, dataset)
+        self.create_collection(name, dim, model, dataset, exact_only=exact_only)
 
     def delete_collection(self, name: str, missing_ok: bool = False) -> bool:
         """Deletes a collection; False when it did not exist and ``missing_ok``."""
@@ -717,20 +719,29 @@ class SearchClient(_Client):
         return out
 
     def top_k(self, collection: str, k: int, vectors: np.ndarray | None = None,
-              point_ids: Sequence[str] | None = None, exact: bool = True, batch: int = 256,
+              point_ids: Sequence[str] | None = None, exact: bool = True, batch: int = 256, in_flight: int = 2,
               progress: Progress | None = None) -> TopK:
-        """``search_batch`` without payloads, as arrays (for evaluation)."""
+        """``search_batch`` without payloads, as arrays (for evaluation); ``in_flight`` batches at a
+        time, so that the service computes one while this process reads the other."""
         requests = self._batch_requests(collection, k, vectors, point_ids, exact, with_payload=False)
-        ids: list[list[str]] = []
+        ids: list[list[str]] = [[] for _ in requests]
         scores = np.full((len(requests), k), np.nan, dtype=np.float32)
-        for start in range(0, len(requests), batch):
+        starts = list(range(0, len(requests), batch))
+
+        def fetch(start: int) -> search_pb2.SearchBatchResponse:
             chunk = search_pb2.SearchBatchRequest(queries=requests[start:start + batch])
-            response = self._call(partial(self.stub.SearchBatch, chunk, timeout=self.endpoint.timeout))
-            for row, result in enumerate(response.results, start=start):
-                ids.append([h.id for h in result.hits])
-                scores[row, : len(result.hits)] = [h.score for h in result.hits]
-            if progress is not None:
-                progress(len(ids), len(requests))
+            return self._call(partial(self.stub.SearchBatch, chunk, timeout=self.endpoint.timeout))
+
+        done = 0
+        with ThreadPoolExecutor(max_workers=max(1, in_flight), thread_name_prefix="top-k") as pool:
+            for start, response in zip(starts, pool.map(fetch, starts), strict=True):
+                for row, result in enumerate(response.results, start=start):
+                    hits = result.hits
+                    ids[row] = [h.id for h in hits]
+                    scores[row, : len(hits)] = [h.score for h in hits]
+                done += len(response.results)
+                if progress is not None:
+                    progress(done, len(requests))
         return TopK(ids, scores)
 
     @staticmethod

@@ -79,6 +79,12 @@ class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class DataLoss(ServiceError):
+    """Stored data is corrupt (e.g. a weights file whose checksum does not match); not retryable."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class Internal(ServiceError):
     """A fault of ours (e.g. a model produced a non-finite embedding)."""
 
@@ -123,7 +129,7 @@ def retry_after_of(error: grpc.RpcError) -> float | None:
 
 _BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
     cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
-                              Unavailable, DeadlineExceeded, Cancelled, Unauthenticated, Internal)
+                              Unavailable, DeadlineExceeded, Cancelled, Unauthenticated, DataLoss, Internal)
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -49,6 +49,21 @@ class EncoderSettings(ServerSettings):
         4, gt=0, description="models loaded at once; loading on demand beyond it is RESOURCE_EXHAUSTED")
     decode_workers: int = Field(0, ge=0, description="threads decoding images (0: one per CPU core)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU (0: torch's default)")
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="inference backend: 'onnxruntime' (the model exported to ONNX at load, cached, "
+                            "parity-checked against torch at warm-up), 'torch' (eager), or 'auto': "
+                            "onnxruntime on the CPU; on CUDA the faster of the two, measured at load "
+                            "(torch when onnxruntime-gpu is not installed)")
+    onnx_provider: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
+        "auto", description="ONNX Runtime execution provider ('auto': CUDA on a CUDA device, else CPU); "
+                            "a provider ONNX Runtime cannot enable is an error, never a silent fallback")
+    onnx_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads (0: auto, one per CPU core; the decode pool "
+                             "shares the cores, see decode_workers)")
+    onnx_cache_dir: Path = Field(
+        Path(".cache/retrieval/onnx"),
+        description="where ONNX exports are cached, keyed by weights SHA-256, opset and torch version "
+                    "(random-init models are never cached)")
     weights_dir: Path | None = Field(
         None, description="directory searched first for weights: <dir>/<model-id>.pth (file families) "
                           "or <dir>/<model-id>/ (Hugging Face format)")
@@ -76,6 +91,15 @@ class EncoderSettings(ServerSettings):
         if self.max_batch_size:
             return self.max_batch_size
         return 32 if device_type == "cuda" else 8
+
+    def effective_onnx_threads(self) -> int:
+        """``onnx_threads``, or for 0 one per CPU core.
+
+        ONNX Runtime's workers do not spin between runs here (``backends.session_options``), so the
+        decode pool (one thread per core) uses the cores while a batch is being assembled; measured on
+        2 cores with benchmarks/encoder.py (README, "Threads").
+        """
+        return self.onnx_threads or os.cpu_count() or 1
 
     def is_offline(self) -> bool:
         """Offline when asked, or when the Hugging Face hub is switched off for the process."""

@@ -31,6 +31,14 @@ from services.common.errors import (
     ServiceError,
 )
 from services.encoder import images
+from services.encoder.backends import (
+    BackendOptions,
+    ExportCache,
+    InferenceBackend,
+    TorchBackend,
+    build_backend,
+    check_parity,
+)
 from services.encoder.batching import DynamicBatcher
 from services.encoder.config import EncoderSettings
 from services.encoder.families import FamilyModel, LoadContext, load_family_model
@@ -84,18 +92,38 @@ def _with_position(index: int, count: int, kind: str, error: ServiceError) -> Se
     return type(error)(f"{kind} {index} of {count}: {error.message}")
 
 
+def warm_up_images(crop: int, seed: int = 0) -> list[torch.Tensor]:
+    """The warm-up batch: four uint8 (3, crop, crop) images that exercise the whole input range
+    (seeded uniform noise, coarse blocks of noise, a smooth colour gradient, mid grey)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, 256, (3, crop, crop), generator=generator, dtype=torch.uint8)
+    blocks = torch.randint(0, 256, (3, 8, 8), generator=generator, dtype=torch.uint8)
+    blocks = blocks.repeat_interleave(-(-crop // 8), 1).repeat_interleave(-(-crop // 8), 2)[:, :crop, :crop]
+    ramp = torch.linspace(0, 255, crop)
+    gradient = torch.stack([ramp[None, :].expand(crop, crop), ramp[:, None].expand(crop, crop),
+                            255 - ramp[None, :].expand(crop, crop)]).round().to(torch.uint8)
+    grey = torch.full((3, crop, crop), 128, dtype=torch.uint8)
+    return [noise, blocks.contiguous(), gradient, grey]
+
+
+WARM_UP_TEXTS = ["a photo of a cat", "a diagram of a bridge at night", ""]
+
+
 class ModelRuntime:
-    """A loaded, warm model on its device, with one batcher per modality."""
+    """A loaded, warm model on its device, with one batcher per modality.
+
+    ``backend`` runs the model (eager torch when None); an ONNX Runtime backend is checked against
+    its torch reference at ``warm_up``.
+    """
 
     def __init__(self, spec: ModelSpec, family: FamilyModel, device: torch.device, dtype: torch.dtype,
-                 settings: EncoderSettings, metrics: EncoderMetrics) -> None:
+                 settings: EncoderSettings, metrics: EncoderMetrics, backend: InferenceBackend | None = None) -> None:
         self.spec = spec
         self.family = family
         self.device = device
         self.dtype = dtype
         self._metrics = metrics
-        self._memory_format = torch.channels_last if family.channels_last else torch.contiguous_format
-        self._module = family.module.to(device).to(memory_format=self._memory_format).eval()
+        self.backend: InferenceBackend = backend or TorchBackend(family, device, dtype)
         pre = spec.preprocess
         self._mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255.0
@@ -121,7 +149,7 @@ class ModelRuntime:
     def _observer(self, modality: str) -> Callable[[int, list[float]], None]:
         def observe(size: int, waits: list[float]) -> None:
             self._metrics.batch_size.labels(self.spec.id, modality).observe(size)
-            queue_hist = self._metrics.duration.labels(self.spec.id, "queue")
+            queue_hist = self._metrics.duration.labels(self.spec.id, "queue", self.backend.name)
             for w in waits:
                 queue_hist.observe(w)
 
@@ -144,10 +172,6 @@ class ModelRuntime:
     @property
     def in_progress(self) -> int:
         return self._admitted
-
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype,
-                              enabled=self.dtype != torch.float32)
 
     def _finalise(self, features: torch.Tensor) -> list[Outcome]:
         """float32, L2-normalised rows; a non-finite or zero row is an error for that item."""
@@ -179,49 +203,65 @@ class ModelRuntime:
             log.warning("%s: out of memory on a batch of %d; retrying in halves", self.spec.id, len(items))
             return self._guarded(run, items[:half]) + self._guarded(run, items[half:])
 
-    def _forward_images(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _normalise(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         batch = torch.stack(list(tensors))
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         # uint8 travels to the device (4x less than float); normalisation runs there, batched.
-        x = ((batch.float() - self._mean) / self._std).contiguous(memory_format=self._memory_format)
-        with torch.inference_mode(), self._autocast():
-            return self.family.embed_images(x)
+        with torch.inference_mode():
+            return (batch.float() - self._mean) / self._std
+
+    def _forward_images(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.backend.embed_images(self._normalise(tensors))
 
     def _run_images(self, tensors: list[torch.Tensor]) -> list[Outcome]:
         start = time.perf_counter()
         outcomes = self._guarded(self._forward_images, tensors)
-        self._metrics.duration.labels(self.spec.id, "forward").observe(time.perf_counter() - start)
+        self._metrics.duration.labels(self.spec.id, "forward", self.backend.name).observe(time.perf_counter() - start)
         return outcomes
 
     def _forward_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        assert self.family.embed_texts is not None  # checked when the batcher was made
-        with torch.inference_mode(), self._autocast():
-            return self.family.embed_texts(list(texts))
+        return self.backend.embed_texts(list(texts))
 
     def _run_texts(self, texts: list[str]) -> list[Outcome]:
         start = time.perf_counter()
         outcomes = self._guarded(self._forward_texts, texts)
-        self._metrics.duration.labels(self.spec.id, "forward_text").observe(time.perf_counter() - start)
+        self._metrics.duration.labels(self.spec.id, "forward_text", self.backend.name).observe(
+            time.perf_counter() - start)
         return outcomes
 
     def warm_up(self) -> None:
         """Runs the model once per modality so the first request pays no lazy initialisation,
-        and checks that it really returns ``spec.dim``-dimensional vectors."""
-        crop = self.spec.preprocess.crop
-        probe = torch.full((3, crop, crop), 128, dtype=torch.uint8)
-        for outcome in self._run_images([probe, probe]):
-            if isinstance(outcome, ServiceError):
-                raise outcome
+        checks that it really returns finite ``spec.dim``-dimensional vectors and, for a backend
+        with a torch reference (ONNX Runtime), that every item of the warm-up batch agrees with
+        torch (``backends.check_parity``).
+
+        Raises:
+            ServiceError: a non-finite or wrongly shaped output (Internal), or a parity failure
+                (``ParityError``, FAILED_PRECONDITION).
+        """
+        batch = warm_up_images(self.spec.preprocess.crop)
+        served = _vectors(self._run_images(batch))
+        reference = self.backend.reference
+        if reference is not None:
+            check_parity(self.spec.id, IMAGE, served, reference.embed_images(self._normalise(batch)), self.backend)
         if self.text_batcher is not None:
-            for outcome in self._run_texts(["a photo of a cat"]):
-                if isinstance(outcome, ServiceError):
-                    raise outcome
+            served = _vectors(self._run_texts(WARM_UP_TEXTS))
+            if reference is not None:
+                check_parity(self.spec.id, TEXT, served, reference.embed_texts(WARM_UP_TEXTS), self.backend)
 
     def close(self) -> None:
         self.image_batcher.close()
         if self.text_batcher is not None:
             self.text_batcher.close()
+
+
+def _vectors(outcomes: list[Outcome]) -> np.ndarray:
+    """The outcomes as a (B, dim) array; the first error is raised."""
+    for outcome in outcomes:
+        if isinstance(outcome, ServiceError):
+            raise outcome
+    return np.stack([o for o in outcomes if isinstance(o, np.ndarray)])
 
 
 @dataclass(frozen=True)
@@ -234,6 +274,8 @@ class ModelDescription:
     dtype: str = ""
     weights_source: str = ""
     weights_sha256: str = ""
+    backend: str = ""
+    execution_provider: str = ""
 
 
 class EncoderCore:
@@ -257,6 +299,10 @@ class EncoderCore:
         self._lock = threading.Lock()
         self._load_context = LoadContext(weights_dir=settings.weights_dir, offline=settings.is_offline(),
                                          random_weights=settings.random_weights)
+        self._backend_options = BackendOptions(
+            backend=settings.backend, provider=settings.onnx_provider,
+            threads=settings.effective_onnx_threads(), cache=ExportCache(settings.onnx_cache_dir),
+            measure_batch=settings.effective_max_batch_size(self.device.type))
         self.registry.get(settings.default_model)  # fail at start-up on a typo, not on first request
 
     # -- models ---------------------------------------------------------------------------------
@@ -279,12 +325,18 @@ class EncoderCore:
             start = time.perf_counter()
             log.info("loading %s on %s (%s)", spec.id, self.device, str(self.dtype))
             family = load_family_model(spec, self._load_context)
-            runtime = ModelRuntime(spec, family, self.device, self.dtype, self.settings, self.metrics)
-            runtime.warm_up()
+            backend = build_backend(spec, family, self.device, self.dtype, self._backend_options)
+            runtime = ModelRuntime(spec, family, self.device, self.dtype, self.settings, self.metrics, backend)
+            try:
+                runtime.warm_up()
+            except BaseException:
+                runtime.close()
+                raise
             seconds = time.perf_counter() - start
             self.metrics.load_seconds.labels(spec.id).set(seconds)
             self.metrics.loaded.labels(spec.id).set(1)
-            log.info("loaded %s in %.1f s from %s", spec.id, seconds, family.weights_source)
+            log.info("loaded %s in %.1f s from %s (backend %s%s)", spec.id, seconds, family.weights_source,
+                     backend.name, f", {backend.provider}" if backend.provider else "")
             with self._lock:
                 self._models[spec.id] = runtime
             return runtime
@@ -318,7 +370,8 @@ class EncoderCore:
             return ModelDescription(spec=spec, loaded=False)
         return ModelDescription(spec=spec, loaded=True, device=str(runtime.device),
                                 dtype=runtime.dtype_name, weights_source=runtime.family.weights_source,
-                                weights_sha256=runtime.family.weights_sha256)
+                                weights_sha256=runtime.family.weights_sha256, backend=runtime.backend.name,
+                                execution_provider=runtime.backend.provider)
 
     def describe_all(self) -> list[ModelDescription]:
         return [self.describe(m) for m in self.registry.ids()]
@@ -330,7 +383,8 @@ class EncoderCore:
         tensor = images.load_tensor(data, runtime.spec.preprocess, max_bytes=self.settings.max_image_bytes,
                                     max_pixels=self.settings.max_pixels,
                                     max_aspect_ratio=self.settings.max_aspect_ratio)
-        self.metrics.duration.labels(runtime.spec.id, "decode").observe(time.perf_counter() - start)
+        self.metrics.duration.labels(runtime.spec.id, "decode", runtime.backend.name).observe(
+            time.perf_counter() - start)
         return tensor
 
     def submit_images(self, runtime: ModelRuntime, data: Sequence[bytes],

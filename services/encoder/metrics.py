@@ -1,4 +1,4 @@
-"""Domain metrics of the encoder (prefix ``encoder_``); labels are bounded: model, modality, stage."""
+"""Domain metrics of the encoder (prefix ``encoder_``); labels are bounded: model, modality, stage, backend."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ class EncoderMetrics:
         self.duration = Histogram(
             "encoder_inference_duration_seconds",
             "Seconds per stage: decode (one image: decode, resize, crop), queue (one item's wait "
-            "for a batch), forward (one batch on the device, transfer included).",
-            ["model", "stage"], buckets=SECONDS_BUCKETS, registry=registry)
+            "for a batch), forward (one batch on the device, transfer included); backend is the "
+            "model's inference backend (torch, onnxruntime).",
+            ["model", "stage", "backend"], buckets=SECONDS_BUCKETS, registry=registry)
         self.images = Counter("encoder_images_total",
                               "Images handled, by outcome (ok, error, cancelled: the caller went away first).",
                               ["model", "outcome"], registry=registry)

@@ -61,7 +61,7 @@ def model_info(d: ModelDescription) -> encoder_pb2.ModelInfo:
                                                 resize_mode=pre.resize_mode),
         device=d.device, dtype=d.dtype, weights_source=d.weights_source,
         weights_sha256=d.weights_sha256 or d.spec.sha256, loaded=d.loaded,
-        max_text_chars=d.spec.max_text_chars)
+        max_text_chars=d.spec.max_text_chars, backend=d.backend, execution_provider=d.execution_provider)
 
 
 def _ids(images: Sequence[encoder_pb2.Image]) -> list[str]:

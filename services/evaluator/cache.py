@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from services.common.files import atomic_write, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -52,19 +52,7 @@ class EmbeddingCache:
         return CachedEmbeddings(paths=meta["paths"], vectors=vectors, failed=meta["failed"])
 
     def store(self, key: str, embeddings: CachedEmbeddings) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._atomic(self.directory / f"{key}.npy", lambda f: np.save(f, embeddings.vectors))
+        # Vectors first, then the list that makes them valid: a crash between leaves no usable entry.
+        atomic_write(self.directory / f"{key}.npy", lambda f: np.save(f, embeddings.vectors))
         meta = {"paths": embeddings.paths, "failed": embeddings.failed}
-        self._atomic(self.directory / f"{key}.json", lambda f: f.write(json.dumps(meta).encode()))
-
-    def _atomic(self, target: Path, write: object) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)  # type: ignore[operator]
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.directory / f"{key}.json", json.dumps(meta))

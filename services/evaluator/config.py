@@ -31,6 +31,9 @@ class EvaluatorSettings(ServerSettings):
                             description="embeddings cached by dataset fingerprint and model weights")
     embed_batch: int = Field(32, gt=0, description="images per StreamEmbedImages message")
     max_concurrent_runs: int = Field(1, gt=0, description="runs executed at once; others queue")
+    trec_depth: int = Field(
+        100, gt=0, description="ranking depth of the TREC run file exported with every report (a depth that "
+                               "covers the catalogue lets trec_eval or ranx recompute the full-ranking mAP)")
     max_runs_kept: int = Field(
         1000, gt=0, description="finished runs remembered (ListRuns, GetRun); the oldest are forgotten first")
     state_dir: Path = Field(

@@ -29,11 +29,15 @@ class Item:
 
     Attributes:
         path: normalised POSIX path relative to the dataset root (never absolute, never ``..``).
-        labels: the image's classes, sorted and unique; several make a multi-label image.
+        labels: the image's classes, sorted and unique; several make a multi-label image; none
+            make a distractor (relevant to no query).
+        junk: classes for whose queries this image is junk (revisitop): removed from those
+            queries' rankings, neither relevant nor irrelevant. Sorted and unique.
     """
 
     path: str
     labels: tuple[str, ...]
+    junk: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,11 +134,21 @@ def _relative(raw: str, where: str) -> str:
     return norm
 
 
-def _parse_list(list_file: Path, *, labelled: bool) -> list[tuple[str, tuple[str, ...] | None, str]]:
-    """Lines of an image list as (path, labels or None, "file:line"); blank lines are skipped.
+def _names(field: str, where: str) -> tuple[str, ...]:
+    names = [name.strip() for name in field.split(",")]
+    if not all(names):
+        raise InvalidArgument(f"{where}: empty class name in {field!r}")
+    return tuple(sorted(set(names)))
 
-    With ``labelled``, every line is ``path<TAB>class[,class...]``; otherwise the class column is
-    optional (split lists that name images of a labelled list).
+
+def _parse_list(list_file: Path, *, labelled: bool) -> list[tuple[str, tuple[str, ...] | None, str, tuple[str, ...]]]:
+    """Lines of an image list as (path, labels or None, "file:line", junk classes); blank lines
+    are skipped.
+
+    With ``labelled``, every line is ``path<TAB>class[,class...]``, optionally followed by
+    ``<TAB>junk:class[,class...]`` (the classes for whose queries the image is junk; with it the
+    class column may be empty: a distractor); otherwise the class column is optional (split lists
+    that name images of a labelled list).
     """
     try:
         text = list_file.read_text(encoding="utf-8-sig")
@@ -142,26 +156,28 @@ def _parse_list(list_file: Path, *, labelled: bool) -> list[tuple[str, tuple[str
         raise InvalidArgument(f"{list_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except OSError as exc:
         raise NotFound(f"{list_file}: cannot read the image list ({exc.strerror})") from exc
-    out: list[tuple[str, tuple[str, ...] | None, str]] = []
+    out: list[tuple[str, tuple[str, ...] | None, str, tuple[str, ...]]] = []
     first_line: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{list_file}:{number}"
         fields = line.split("\t")
+        junk: tuple[str, ...] = ()
+        if len(fields) == 3 and fields[2].startswith("junk:"):
+            junk = _names(fields[2][len("junk:"):], where)
+            fields = fields[:2]
         if len(fields) > 2 or (labelled and len(fields) != 2):
-            raise InvalidArgument(f"{where}: expected 'relative/path<TAB>class[,class...]', got {line!r}")
+            raise InvalidArgument(f"{where}: expected 'relative/path<TAB>class[,class...][<TAB>junk:class[,...]]', "
+                                  f"got {line!r}")
         path = _relative(fields[0], where)
         labels: tuple[str, ...] | None = None
         if len(fields) == 2:
-            names = [name.strip() for name in fields[1].split(",")]
-            if not all(names):
-                raise InvalidArgument(f"{where}: empty class name in {fields[1]!r}")
-            labels = tuple(sorted(set(names)))
+            labels = () if not fields[1].strip() and junk else _names(fields[1], where)
         if path in first_line:
             raise InvalidArgument(f"{where}: {path!r} is already listed on line {first_line[path]}")
         first_line[path] = number
-        out.append((path, labels, where))
+        out.append((path, labels, where, junk))
     return out
 
 
@@ -193,7 +209,7 @@ def read_list(
     entries = _parse_list(list_path, labelled=True)
     if not entries:
         raise InvalidArgument(f"{list_path}: the list has no images")
-    items = tuple(Item(path, labels or ()) for path, labels, _ in entries)
+    items = tuple(Item(path, labels or (), junk) for path, labels, _, junk in entries)
     return Dataset(name or base.name, base, items)
 
 
@@ -265,19 +281,19 @@ def read_split_lists(
     cat_path = resolve_allowed(catalogue_list, allowed_roots)
     query_path = resolve_allowed(query_list, allowed_roots)
     base = resolve_allowed(root, allowed_roots) if root is not None else cat_path.parent
-    known: dict[str, tuple[str, ...]] = {}
+    known: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
     if labels_list is not None or (base / LIST_FILE).is_file():
         labelled = resolve_allowed(labels_list if labels_list is not None else base / LIST_FILE, allowed_roots)
-        known = {path: labels or () for path, labels, _ in _parse_list(labelled, labelled=True)}
+        known = {path: (labels or (), junk) for path, labels, _, junk in _parse_list(labelled, labelled=True)}
 
     def side(list_path: Path) -> Dataset:
         items: list[Item] = []
-        for path, labels, where in _parse_list(list_path, labelled=False):
+        for path, labels, where, junk in _parse_list(list_path, labelled=False):
             if labels is None:
                 if path not in known:
                     raise InvalidArgument(f"{where}: {path!r} has no class here and is not in a labelled list")
-                labels = known[path]
-            items.append(Item(path, labels))
+                labels, junk = known[path]
+            items.append(Item(path, labels, junk))
         if not items:
             raise InvalidArgument(f"{list_path}: the list has no images")
         return Dataset(name or base.name, base, tuple(items))
@@ -391,7 +407,10 @@ def fingerprint(dataset: Dataset, sizes: Sequence[int | None] | None = None) -> 
         raise InvalidArgument(f"{len(sizes)} sizes for {len(dataset.items)} items")
     digest = hashlib.sha256(_FINGERPRINT_VERSION)
     for item, size in sorted(zip(dataset.items, sizes, strict=True), key=lambda pair: pair[0].path):
-        digest.update(f"{item.path}\t{','.join(item.labels)}\t{'missing' if size is None else size}\n".encode())
+        # Junk is written only when there is some, so lists without it keep their fingerprints.
+        junk = f"\tjunk:{','.join(item.junk)}" if item.junk else ""
+        digest.update(f"{item.path}\t{','.join(item.labels)}{junk}\t{'missing' if size is None else size}\n"
+                      .encode())
     return digest.hexdigest()
 
 

@@ -3,9 +3,10 @@
 Definitions (one query, a catalogue of ``M`` candidate items, ``R`` of them relevant):
 
 * **Relevance**: a catalogue item is relevant to a query when they share a class; for multi-label
-  items, when they share at least one label. In leave-one-out the query itself is excluded from
-  its own catalogue entirely (revisitop's "junk"): it is neither relevant nor counted as a
-  retrieved item, so its catalogue has ``M - 1`` items.
+  items, when they share at least one label. **Junk** items of a query (revisitop's junk: the
+  query itself in leave-one-out, and items a dataset marks junk for the query's classes) are
+  removed from its ranking before anything is computed: neither relevant nor retrieved, so a query
+  with ``J`` junk items ranks ``M - J`` items.
 * **AP** (full ranking): non-interpolated average precision over every catalogue item, identical
   to ``sklearn.metrics.average_precision_score(y_true, scores)`` including tied scores: items with
   equal scores form one threshold, so with ``ge(s)`` the number of items scoring ``>= s`` and
@@ -250,7 +251,8 @@ def _rank_block(
         rel_rows: row of every relevant (row, catalogue item) pair, grouped by row.
         rel_cols: catalogue item of every relevant pair.
         is_relevant: relevance of arbitrary (row, item) pairs, for the top-k lists.
-        exclude: (B,) catalogue index left out of each row's catalogue, or -1.
+        exclude: (B, J) catalogue indices left out of each row's catalogue (junk), -1 padded; the
+            indices of a row are distinct.
         width: length of the top-k lists, 1 <= width <= M.
         start: index of the block's first query, for error messages.
         sort_buffer: (>= B, M) scratch of work's dtype, reused across blocks: large fresh
@@ -266,15 +268,17 @@ def _rank_block(
     if not finite.all():
         raise InvalidArgument(f"query {start + int(np.argmin(finite))}: scores must be finite (NaN or inf found)")
     has_ex = exclude >= 0
-    n_valid = m - has_ex.astype(np.int64)
-    # The excluded item stays in the sorted row; counts are corrected for it (-inf: no exclusion).
-    ex_score = np.full(b, -np.inf, dtype=work.dtype)
-    ex_score[has_ex] = work[rows[has_ex], exclude[has_ex]]
+    n_ex = has_ex.sum(axis=1).astype(np.int64)
+    n_valid = m - n_ex
+    # Excluded items stay in the sorted row; counts are corrected for them (-inf: no exclusion).
+    ex_score = np.full(exclude.shape, -np.inf, dtype=work.dtype)
+    ex_score[has_ex] = work[np.nonzero(has_ex)[0], exclude[has_ex]]
+    any_ex = bool(has_ex.any())
 
     # Full-ranking AP, tie-aware: for each relevant item j, ge = items scoring >= s_j (found in the
     # sorted row) and rel_ge = relevant items scoring >= s_j (from the sorted relevant scores).
-    if has_ex.any():
-        keep = rel_cols != exclude[rel_rows]
+    if any_ex:
+        keep = ~(exclude[rel_rows] == rel_cols[:, None]).any(axis=1)
         rel_rows, rel_cols = rel_rows[keep], rel_cols[keep]
     threshold = work[rel_rows, rel_cols]
     n_relevant = np.bincount(rel_rows, minlength=b).astype(np.int64)
@@ -287,7 +291,7 @@ def _rank_block(
         row_thresholds = threshold[starts[r] : starts[r + 1]]
         row_thresholds.sort()
         below[starts[r] : starts[r + 1]] = np.searchsorted(ordered[r], row_thresholds, side="left")
-    ge = m - below - (ex_score[rel_rows] >= threshold)
+    ge = m - below - (ex_score[rel_rows] >= threshold[:, None]).sum(axis=1)
     # rel_ge = R - (relevant items scoring < s_j) = R - (offset of the first of s_j's ties in the row).
     tie_start = np.ones(threshold.size, dtype=bool)
     tie_start[1:] = (threshold[1:] != threshold[:-1]) | (rel_rows[1:] != rel_rows[:-1])
@@ -306,15 +310,15 @@ def _rank_block(
         for level in range(PR_LEVELS.size):
             pr[scored, level] = np.maximum.reduceat(np.where(reach >= level * big_r, precision, 0.0), seg)
 
-    # Top-k in the tie-broken ranking: every entry >= the k-th largest valid score (one more where
-    # an entry is excluded) is a candidate; candidates are ordered by (score descending, catalogue
-    # index ascending) and cut at k.
+    # Top-k in the tie-broken ranking: every entry >= the k-th largest valid score (as many more as
+    # a row has excluded entries) is a candidate; candidates are ordered by (score descending,
+    # catalogue index ascending) and cut at k.
     kth = np.minimum(width, n_valid)
-    cut = ordered[rows, m - np.minimum(kth + has_ex, m)]
+    cut = ordered[rows, m - np.minimum(kth + n_ex, m)]
     # flatnonzero + divmod: several times faster than a 2-D nonzero.
     cand_rows, cand_cols = np.divmod(np.flatnonzero(work >= cut[:, None]), m)
-    if has_ex.any():
-        keep = cand_cols != exclude[cand_rows]
+    if any_ex:
+        keep = ~(exclude[cand_rows] == cand_cols[:, None]).any(axis=1)
         cand_rows, cand_cols = cand_rows[keep], cand_cols[keep]
     cand_scores = work[cand_rows, cand_cols]
     order = _order_within_rows(cand_rows, cand_scores)
@@ -359,6 +363,23 @@ def _check_ks(ks: Sequence[int], top_k: int) -> list[int]:
     if top_k < 0:
         raise InvalidArgument(f"top_k must be >= 0, got {top_k}")
     return out
+
+
+def _check_exclude(exclude: np.ndarray | None, n_queries: int, n_catalogue: int) -> np.ndarray:
+    """``exclude`` as (n_queries, J) int64 with distinct indices per row, -1 padded (J >= 1)."""
+    if exclude is None:
+        return np.full((n_queries, 1), -1, dtype=np.int64)
+    ex = np.asarray(exclude, dtype=np.int64)
+    if ex.ndim == 1:
+        ex = ex[:, None]
+    if ex.ndim != 2 or ex.shape[0] != n_queries or (ex >= n_catalogue).any() or (ex < -1).any():
+        raise InvalidArgument("exclude must hold, per query, catalogue indices (or -1), as (n_queries,) or "
+                              "(n_queries, J)")
+    if ex.shape[1] > 1:
+        ordered = np.sort(np.where(ex >= 0, ex, -1 - np.arange(ex.shape[1])), axis=1)
+        if (ordered[:, 1:] == ordered[:, :-1]).any():
+            raise InvalidArgument("exclude lists an item twice for one query")
+    return ex if ex.shape[1] else np.full((n_queries, 1), -1, dtype=np.int64)
 
 
 def _check_embeddings(x: np.ndarray, what: str) -> np.ndarray:
@@ -416,12 +437,8 @@ def _evaluate(
     names = [str(c) for c in range(n_classes)] if class_names is None else [str(c) for c in class_names]
     q_pairs = _label_pairs(query_labels, n_classes, "query labels")
     c_pairs = _label_pairs(catalogue_labels, n_classes, "catalogue labels")
-    if exclude is not None:
-        exclude = np.asarray(exclude, dtype=np.int64)
-        if exclude.shape != (n_queries,) or (exclude >= n_catalogue).any() or (exclude < -1).any():
-            raise InvalidArgument("exclude must hold one catalogue index (or -1) per query")
+    ex_all = _check_exclude(exclude, n_queries, n_catalogue)
     labels = _LabelIndex(q_pairs, c_pairs, n_queries, n_catalogue, n_classes)
-    ex_all = np.full(n_queries, -1, dtype=np.int64) if exclude is None else exclude
 
     width = min(max([*k_list, top_k]), n_catalogue)
     # Per row of a block: the scores and their sorted copy, a boolean candidate mask, ~120 bytes of
@@ -524,8 +541,9 @@ def evaluate_scores(
         query_labels: (n_queries,) integer class ids, or an (n_queries, C) boolean membership
             matrix for multi-label data (see ``encode_labels``).
         catalogue_labels: the same for the catalogue, with the same class columns.
-        exclude: optional (n_queries,) catalogue index to leave out of each query's catalogue
-            (-1 for none); leave-one-out on a square matrix is ``exclude=np.arange(n)``.
+        exclude: optional junk: catalogue indices left out of each query's ranking, as (n_queries,)
+            (one per query) or (n_queries, J), -1 for none; leave-one-out on a square matrix is
+            ``exclude=np.arange(n)``.
         ks: the k of P@k, R@k and mAP@k.
         top_k: the top-k lists (``top_indices``, ``top_scores``) hold ``max(top_k, *ks)``
             entries per query, at most n_catalogue.
@@ -561,6 +579,7 @@ def catalogue_query(
     catalogue: np.ndarray,
     catalogue_labels: np.ndarray,
     *,
+    exclude: np.ndarray | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     top_k: int = 0,
     class_names: Sequence[str] | None = None,
@@ -577,6 +596,7 @@ def catalogue_query(
         query_labels: class ids or membership matrix, as in ``evaluate_scores``.
         catalogue: (n_catalogue, d) L2-normalised embeddings.
         catalogue_labels: as ``query_labels``, same class columns.
+        exclude: junk per query, as in ``evaluate_scores``.
         ks: see ``evaluate_scores``.
         top_k: see ``evaluate_scores``.
         class_names: see ``evaluate_scores``.
@@ -597,7 +617,7 @@ def catalogue_query(
         return np.matmul(q[start:stop], ct, out=out)
 
     source = _Scores("catalogue_query", block, np.dtype(np.float32), q.shape[0], c.shape[0], needs_scratch=True)
-    return _evaluate(source, np.asarray(query_labels), np.asarray(catalogue_labels), None, ks=ks, top_k=top_k,
+    return _evaluate(source, np.asarray(query_labels), np.asarray(catalogue_labels), exclude, ks=ks, top_k=top_k,
                      class_names=class_names, max_chunk_bytes=max_chunk_bytes, progress=progress)
 
 
@@ -605,6 +625,7 @@ def leave_one_out(
     embeddings: np.ndarray,
     labels: np.ndarray,
     *,
+    junk: np.ndarray | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     top_k: int = 0,
     class_names: Sequence[str] | None = None,
@@ -616,6 +637,8 @@ def leave_one_out(
     Args:
         embeddings: (n, d) L2-normalised embeddings (converted to float32).
         labels: (n,) class ids or an (n, C) membership matrix.
+        junk: optional (n, J) further items left out of each query's ranking (-1 padded); the
+            query itself always is.
         ks: see ``evaluate_scores``.
         top_k: see ``evaluate_scores``.
         class_names: see ``evaluate_scores``.
@@ -636,7 +659,9 @@ def leave_one_out(
     lab = np.asarray(labels)
     n = x.shape[0]
     source = _Scores("leave_one_out", block, np.dtype(np.float32), n, n, needs_scratch=True)
-    return _evaluate(source, lab, lab, np.arange(n), ks=ks, top_k=top_k, class_names=class_names,
+    itself = np.arange(n)[:, None]
+    exclude = itself if junk is None else np.concatenate([itself, np.where(junk == itself, -1, junk)], axis=1)
+    return _evaluate(source, lab, lab, exclude, ks=ks, top_k=top_k, class_names=class_names,
                      max_chunk_bytes=max_chunk_bytes, progress=progress)
 
 
@@ -661,5 +686,207 @@ def average_precision(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
     def pair_test(rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         return relevant[rows, items]
 
-    no_exclusion = np.full(scores.shape[0], -1, dtype=np.int64)
+    no_exclusion = np.full((scores.shape[0], 1), -1, dtype=np.int64)
     return _rank_block(scores, rel_rows.astype(np.int64), rel_cols.astype(np.int64), pair_test, no_exclusion, 1, 0).ap
+
+
+# -- the search service's answers --------------------------------------------------------------------
+
+def drop_excluded(top: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+    """``top`` (n, k) catalogue indices with each row's excluded (junk) entries removed and the rest
+    shifted left, -1 padded: the ranking a query sees once its junk is taken out."""
+    if exclude is None or top.size == 0:
+        return top
+    ex = np.asarray(exclude, dtype=np.int64)
+    ex = ex[:, None] if ex.ndim == 1 else ex
+    junk = (top[:, :, None] == ex[:, None, :]).any(axis=2) & (top >= 0)
+    order = np.argsort(junk, axis=1, kind="stable")  # kept entries first, in their order
+    out = np.take_along_axis(top, order, axis=1)
+    out[np.take_along_axis(junk, order, axis=1)] = -1
+    return out
+
+
+class TopKMetrics(TypedDict):
+    """P@k, R@k and mAP@k of a ranking another system returned (``service_topk_metrics``)."""
+
+    precision_at_k: dict[int, float]
+    recall_at_k: dict[int, float]
+    map_at_k: dict[int, float]
+    precision_at_k_per_query: np.ndarray  # float64 (n_queries, len(ks))
+    ap_at_k_per_query: np.ndarray  # float64 (n_queries, len(ks)), NaN where R == 0
+
+
+def service_topk_metrics(top: np.ndarray, query_labels: np.ndarray, catalogue_labels: np.ndarray,
+                         n_relevant: np.ndarray, ks: Sequence[int],
+                         exclude: np.ndarray | None = None) -> TopKMetrics:
+    """P@k, R@k and mAP@k (definitions in the module docstring) of rankings another system returned.
+
+    Args:
+        top: (n_queries, depth) catalogue indices best first, -1 where fewer came back. Junk
+            entries (``exclude``) are removed first, so ``depth`` should allow for them.
+        query_labels, catalogue_labels: as in ``evaluate_scores``.
+        n_relevant: R per query (from the full-ranking evaluation; junk is never relevant).
+        ks: the cut-offs.
+        exclude: junk per query, as in ``evaluate_scores``.
+
+    Returns:
+        ``precision_at_k``, ``recall_at_k``, ``map_at_k`` (means over queries with R >= 1) and the
+        per-query arrays ``precision_at_k_per_query`` and ``ap_at_k_per_query`` (n_queries, len(ks)).
+    """
+    top = drop_excluded(np.asarray(top, dtype=np.int64), exclude)
+    n_q, depth = top.shape
+    n_classes = _n_classes(query_labels, catalogue_labels)
+    index = _LabelIndex(_label_pairs(query_labels, n_classes, "query labels"),
+                        _label_pairs(catalogue_labels, n_classes, "catalogue labels"),
+                        n_q, len(catalogue_labels), n_classes)
+    valid = top >= 0
+    rows = np.repeat(np.arange(n_q), depth).reshape(n_q, depth)
+    rel = np.zeros(top.shape, dtype=bool)
+    rel[valid] = index.shares_label(rows[valid], top[valid])
+    hits = np.cumsum(rel, axis=1)
+    precision_at_i = hits / np.arange(1, depth + 1)
+    scored = n_relevant > 0
+    k_list = [int(k) for k in ks]
+    p = np.zeros((n_q, len(k_list)))
+    r = np.full((n_q, len(k_list)), np.nan)
+    ap_k = np.full((n_q, len(k_list)), np.nan)
+    for j, k in enumerate(k_list):
+        kk = min(k, depth)
+        found = hits[:, kk - 1] if kk else np.zeros(n_q)
+        p[:, j] = found / k
+        r[scored, j] = found[scored] / n_relevant[scored]
+        terms = (precision_at_i[:, :kk] * rel[:, :kk]).sum(axis=1)
+        ap_k[scored, j] = terms[scored] / np.minimum(n_relevant[scored], k)
+
+    def mean(values: np.ndarray) -> list[float]:
+        return [float(v) for v in values[scored].mean(axis=0)] if scored.any() else [float("nan")] * len(k_list)
+
+    return TopKMetrics(precision_at_k=dict(zip(k_list, mean(p), strict=True)),
+                       recall_at_k=dict(zip(k_list, mean(r), strict=True)),
+                       map_at_k=dict(zip(k_list, mean(ap_k), strict=True)),
+                       precision_at_k_per_query=p, ap_at_k_per_query=ap_k)
+
+
+def index_recall(service_top: np.ndarray, exact_top: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    """Recall@k of an index: |service top-k ∩ exact top-k| / |exact top-k|, averaged over queries.
+
+    Both are (n_queries, depth) catalogue indices, -1 padded; computed for every k <= both depths.
+    """
+    out: dict[int, float] = {}
+    n_q = exact_top.shape[0]
+    width = int(max(service_top.max(initial=-1), exact_top.max(initial=-1))) + 2
+    for k in ks:
+        kk = min(int(k), exact_top.shape[1], service_top.shape[1])
+        if kk == 0 or n_q == 0:
+            continue
+        exact, got = exact_top[:, :kk], service_top[:, :kk]
+        row = np.arange(n_q, dtype=np.int64)[:, None] * width
+        found = np.isin(got + row, np.where(exact >= 0, exact + row, -1)) & (got >= 0)
+        out[int(k)] = float(np.mean(found.sum(axis=1) / np.maximum((exact >= 0).sum(axis=1), 1)))
+    return out
+
+
+# -- uncertainty ---------------------------------------------------------------------------------------
+
+BOOTSTRAP_RESAMPLES = 10_000
+CI_LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its confidence interval: ``estimate`` [``low``, ``high``]."""
+
+    estimate: float
+    low: float
+    high: float
+
+
+def _resampled_means(values: np.ndarray, resamples: int, rng: np.random.Generator, chunk: int = 500) -> np.ndarray:
+    """Means of ``resamples`` bootstrap resamples (with replacement, same size) of ``values``: (resamples,)
+    for a vector, (resamples, m) for the m columns of an (n, m) matrix (the same rows for every column)."""
+    n = len(values)
+    # Contiguous float32 columns gather fastest; the means are accumulated in float64.
+    columns = values.reshape(n, -1).T.astype(np.float32)
+    means = np.empty((resamples, columns.shape[0]))
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        rows = rng.integers(0, n, size=(stop - start, n), dtype=np.int32)
+        for c, column in enumerate(columns):
+            means[start:stop, c] = column[rows].mean(axis=1, dtype=np.float64)
+    return means if values.ndim == 2 else means[:, 0]
+
+
+def bootstrap_ci(values: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES,
+                 level: float = CI_LEVEL) -> Interval:
+    """The mean of ``values`` (per-query AP or P@k; NaN entries, queries without a relevant item,
+    are left out) with its percentile bootstrap confidence interval: queries are resampled with
+    replacement ``resamples`` times from a generator seeded with ``seed``, so reruns agree."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    means = _resampled_means(x, resamples, np.random.default_rng(seed))
+    alpha = (1 - level) / 2
+    return Interval(float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def bootstrap_cis(values: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES,
+                  level: float = CI_LEVEL) -> list[Interval]:
+    """``bootstrap_ci`` of each column of an (n, m) matrix of per-query values (no NaN), from one set
+    of resampled queries: as seeded and as exact as m separate calls, at the cost of one."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 2 or np.isnan(x).any():
+        raise InvalidArgument("bootstrap_cis takes an (n, m) matrix without NaN")
+    if x.shape[0] == 0:
+        return [Interval(float("nan"), float("nan"), float("nan"))] * x.shape[1]
+    means = _resampled_means(x, resamples, np.random.default_rng(seed))
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, alpha, axis=0), np.quantile(means, 1 - alpha, axis=0)
+    return [Interval(float(m), float(lo), float(hi)) for m, lo, hi in zip(x.mean(axis=0), low, high, strict=True)]
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """System a minus system b on the same queries.
+
+    Attributes:
+        difference: mean over shared queries of (a - b), with its paired bootstrap CI.
+        p_value: two-sided paired randomisation (sign-flip) test of "no difference":
+            (1 + #{|mean of randomly sign-flipped differences| >= |observed mean|}) / (1 + resamples).
+        n_queries: queries scored by both systems.
+    """
+
+    difference: Interval
+    p_value: float
+    n_queries: int
+
+
+def paired_comparison(a: np.ndarray, b: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES,
+                      level: float = CI_LEVEL) -> PairedComparison:
+    """Compares two systems' per-query values (aligned: entry i is the same query for both).
+
+    Queries where either value is NaN are left out. The bootstrap resamples the same queries for
+    both systems (the pairing keeps each query's difficulty out of the comparison); the
+    randomisation test flips the sign of each query's difference at random, the exact null of
+    "the two systems are exchangeable on every query". Both use a generator seeded with ``seed``.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise InvalidArgument(f"paired values must align: {x.shape} and {y.shape}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    d = x[keep] - y[keep]
+    if d.size == 0:
+        nan = float("nan")
+        return PairedComparison(Interval(nan, nan, nan), nan, 0)
+    rng = np.random.default_rng(seed)
+    means = _resampled_means(d, resamples, rng)
+    alpha = (1 - level) / 2
+    observed = abs(float(d.mean()))
+    extreme = 0
+    for start in range(0, resamples, 500):
+        stop = min(resamples, start + 500)
+        signs = rng.integers(0, 2, size=(stop - start, d.size), dtype=np.int8) * 2 - 1
+        extreme += int((np.abs((signs * d).mean(axis=1)) >= observed - 1e-12).sum())
+    return PairedComparison(Interval(float(d.mean()), float(np.quantile(means, alpha)),
+                                     float(np.quantile(means, 1 - alpha))),
+                            (1 + extreme) / (1 + resamples), int(d.size))

@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from services.common.files import atomic_write_text
-from services.evaluator.runner import ModelResult, Runner, RunSpec
+from services.evaluator.runner import Runner
+from services.evaluator.spec import ModelResult, RunSpec
 
 log = logging.getLogger(__name__)
 

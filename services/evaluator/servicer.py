@@ -17,7 +17,7 @@ from services.common.server import RunningServer, ServiceRegistration, create_se
 from services.evaluator.cache import EmbeddingCache
 from services.evaluator.config import EvaluatorSettings
 from services.evaluator.datasets import resolve_allowed
-from services.evaluator.runner import CATALOGUE_QUERY, LEAVE_ONE_OUT, Runner, RunSpec
+from services.evaluator.runner import Runner
 from services.evaluator.runs import (
     CANCELLED,
     FAILED,
@@ -28,6 +28,7 @@ from services.evaluator.runs import (
     RunManager,
     RunRecord,
 )
+from services.evaluator.spec import CATALOGUE_QUERY, LEAVE_ONE_OUT, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +45,21 @@ _STATE = {QUEUED: evaluator_pb2.RUN_STATE_QUEUED, RUNNING: evaluator_pb2.RUN_STA
 def spec_from_proto(spec: evaluator_pb2.RunSpec) -> RunSpec:
     """The run spec of a request; an unknown protocol, or a report path (the removed ``output_dir``,
     field 7, sent by an old client), is INVALID_ARGUMENT."""
-    if spec.protocol not in _PROTOCOL_IN:
+    if not spec.protocol_name and spec.protocol not in _PROTOCOL_IN:
         raise InvalidArgument(f"run spec: unknown protocol value {spec.protocol}")
     if any(f.field_number == 7 for f in UnknownFieldSet(spec)):  # type: ignore[attr-defined]
         raise InvalidArgument("run spec: output_dir is no longer accepted: the server decides where reports go "
                               "(EVALUATOR_OUTPUT_DIR); name the run with run_name instead")
-    return RunSpec(dataset=spec.dataset, models=tuple(spec.models), protocol=_PROTOCOL_IN[spec.protocol],
+    return RunSpec(dataset=spec.dataset, models=tuple(spec.models),
+                   protocol=spec.protocol_name or _PROTOCOL_IN[spec.protocol],
                    catalogue=spec.catalogue, queries=spec.queries, ks=tuple(spec.ks) or RunSpec.ks,
                    name=spec.dataset_name, tsne=spec.tsne if spec.HasField("tsne") else True,
                    run_name=spec.run_name)
 
 
 def spec_to_proto(spec: RunSpec) -> evaluator_pb2.RunSpec:
-    return evaluator_pb2.RunSpec(dataset=spec.dataset, models=list(spec.models), protocol=_PROTOCOL_OUT[spec.protocol],
+    return evaluator_pb2.RunSpec(dataset=spec.dataset, models=list(spec.models), protocol_name=spec.protocol,
+                                 protocol=_PROTOCOL_OUT.get(spec.protocol, evaluator_pb2.PROTOCOL_UNSPECIFIED),
                                  catalogue=spec.catalogue, queries=spec.queries, ks=list(spec.ks),
                                  dataset_name=spec.name, tsne=spec.tsne, run_name=spec.run_name)
 
@@ -124,7 +127,8 @@ def make_runner(settings: EvaluatorSettings) -> Runner:
     """A runner wired to the encoder and search services named in ``settings``."""
     encoder, search = upstream_endpoints(settings)
     return Runner(EncoderClient(encoder), SearchClient(search), EmbeddingCache(settings.cache_dir),
-                  settings.allowed_roots, settings.output_dir, embed_batch=settings.embed_batch)
+                  settings.allowed_roots, settings.output_dir, embed_batch=settings.embed_batch,
+                  trec_depth=settings.trec_depth)
 
 
 def create_evaluator_server(settings: EvaluatorSettings) -> tuple[RunningServer, RunManager]:

@@ -44,6 +44,10 @@ MAX_FILTER_LABELS = 1024
 DEFAULT_SCROLL_LIMIT = 256
 # Bytes a hit's payload (dataset, path, labels) is assumed to take in an answer, for the size bound.
 PAYLOAD_BYTES_ESTIMATE = 160
+# Queries excluding at most this many ids ask the engine for that many more hits and drop the
+# excluded ones afterwards: an id filter makes an exact scan ~3x slower in Qdrant Edge (measured on
+# 8,677 x 1280-d: 0.47 s against 0.17 s for 256 queries), and leave-one-out excludes one id per query.
+POSTFILTER_MAX_EXCLUDED = 16
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class SearchCore:
                               aliases=tuple(sorted(a for a, c in aliases.items() if c == meta.name)))
 
     def create_collection(self, name: str, dim: int, model: str = "", dataset: str = "",
-                          exist_ok: bool = False) -> CollectionInfo:
+                          exist_ok: bool = False, exact_only: bool = False) -> CollectionInfo:
         """Creates a collection of ``dim``-d vectors (cosine distance).
 
         Raises:
@@ -158,7 +162,7 @@ class SearchCore:
                     raise ResourceExhausted(
                         f"collection {name!r}: this server holds {count} collections, the limit "
                         f"(SEARCH_MAX_COLLECTIONS) is {self.settings.max_collections}; delete unused ones")
-                meta = CollectionMeta(name=name, dim=dim, model=model, dataset=dataset)
+                meta = CollectionMeta(name=name, dim=dim, model=model, dataset=dataset, exact_only=exact_only)
                 self.store.create_collection(meta)
                 return self._info(meta, aliases)
             if existing.dim != dim:
@@ -316,7 +320,7 @@ class SearchCore:
         self._check_cost([checked], [meta.dim], "search")
         with self._timed("search"):
             [ready] = self._with_stored_vectors(meta, [checked], ["search"])
-            return self.store.query(meta.name, [ready])[0]
+            return self._query(meta.name, [ready])[0]
 
     def search_batch(self, queries: Sequence[tuple[str, Query]]) -> list[list[Hit]]:
         """Answers (collection, query) pairs in order; one engine call per collection.
@@ -346,9 +350,23 @@ class SearchCore:
         with self._timed("search_batch"):
             for name, (meta, positions, checked, wheres) in groups.items():
                 ready = self._with_stored_vectors(meta, checked, wheres)
-                for position, hits in zip(positions, self.store.query(name, ready), strict=True):
+                for position, hits in zip(positions, self._query(name, ready), strict=True):
                     results[position] = hits
         return results
+
+    def _query(self, name: str, queries: list[Query]) -> list[list[Hit]]:
+        """Runs checked queries on the engine; few excluded ids are dropped from the answer rather
+        than filtered in the engine (see ``POSTFILTER_MAX_EXCLUDED``): the same hits, faster."""
+        engine = [replace(q, exclude_ids=(), limit=q.limit + len(q.exclude_ids))
+                  if 0 < len(q.exclude_ids) <= POSTFILTER_MAX_EXCLUDED else q for q in queries]
+        answers = self.store.query(name, engine)
+        out = []
+        for query, sent, hits in zip(queries, engine, answers, strict=True):
+            if sent is not query:
+                excluded = set(query.exclude_ids)
+                hits = [h for h in hits if h.id not in excluded][: query.limit]
+            out.append(hits)
+        return out
 
     def search_by_id(self, collection: str, pid: str, limit: int, filter: Filter | None = None,
                      exclude_ids: Sequence[str] = (), exact: bool = False, with_payload: bool = True,

@@ -219,13 +219,16 @@ class QdrantStore:
         self._call(what, lambda: self.client.create_collection(
             meta.name,
             vectors_config=models.VectorParams(size=meta.dim, distance=models.Distance.COSINE),
-            hnsw_config=models.HnswConfigDiff(m=p.m, ef_construct=p.ef_construct, full_scan_threshold=10_000),
-            optimizers_config=models.OptimizersConfigDiff(indexing_threshold=p.indexing_threshold_kb),
+            # exact_only: m=0 and indexing off tell Qdrant never to build the HNSW graph.
+            hnsw_config=models.HnswConfigDiff(m=0 if meta.exact_only else p.m, ef_construct=p.ef_construct,
+                                              full_scan_threshold=10_000),
+            optimizers_config=models.OptimizersConfigDiff(
+                indexing_threshold=0 if meta.exact_only else p.indexing_threshold_kb),
             # None keeps the server's default; local mode accepts these and ignores them (one process).
             shard_number=c.shard_number,
             replication_factor=c.replication_factor,
             write_consistency_factor=c.write_consistency_factor,
-            metadata={"model": meta.model, "dataset": meta.dataset},
+            metadata={"model": meta.model, "dataset": meta.dataset, "exact_only": meta.exact_only},
         ))
         indexes: list[tuple[str, models.PayloadSchemaType | models.KeywordIndexParams]] = [
             ("dataset", models.PayloadSchemaType.KEYWORD),
@@ -260,7 +263,8 @@ class QdrantStore:
             raise FailedPrecondition(f"collection {name!r} has named vectors; it was not created by this service")
         metadata = info.config.metadata or {}
         return CollectionMeta(name=name, dim=vectors.size, model=str(metadata.get("model") or ""),
-                              dataset=str(metadata.get("dataset") or ""))
+                              dataset=str(metadata.get("dataset") or ""),
+                              exact_only=bool(metadata.get("exact_only", False)))
 
     def list_collections(self) -> list[CollectionMeta]:
         names = self._call("list collections", lambda: [c.name for c in self.client.get_collections().collections])

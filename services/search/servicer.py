@@ -66,7 +66,8 @@ def hits_msg(hits: list[Hit]) -> search_pb2.SearchResponse:
 def info_msg(info: CollectionInfo) -> search_pb2.CollectionInfo:
     return search_pb2.CollectionInfo(name=info.meta.name, dim=info.meta.dim, model=info.meta.model,
                                      dataset=info.meta.dataset, points_count=info.points_count,
-                                     status=_STATUS[info.status], aliases=list(info.aliases))
+                                     status=_STATUS[info.status], aliases=list(info.aliases),
+                                     exact_only=info.meta.exact_only)
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
@@ -78,7 +79,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def CreateCollection(self, request: search_pb2.CreateCollectionRequest,
                          context: grpc.ServicerContext) -> search_pb2.CreateCollectionResponse:
         info = self.core.create_collection(request.name, request.dim, request.model, request.dataset,
-                                           exist_ok=request.exist_ok)
+                                           exist_ok=request.exist_ok, exact_only=request.exact_only)
         return search_pb2.CreateCollectionResponse(collection=info_msg(info))
 
     def DeleteCollection(self, request: search_pb2.DeleteCollectionRequest,

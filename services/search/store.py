@@ -117,12 +117,14 @@ class Hit:
 
 @dataclass(frozen=True)
 class CollectionMeta:
-    """What a collection is: its name, vector dim, the encoder model and dataset of its vectors."""
+    """What a collection is: its name, vector dim, the encoder model and dataset of its vectors, and
+    whether it is only searched exactly (no HNSW index is ever built for it)."""
 
     name: str
     dim: int
     model: str = ""
     dataset: str = ""
+    exact_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -395,7 +395,7 @@ class Gateway:
             reports.append(ReportLink(path=rel or "", url=f"/reports/{quote(rel)}" if rel else ""))
         return RunView(
             id=run.id, dataset=name, models=list(spec.models),
-            protocol=_PROTOCOL_NAMES.get(spec.protocol, "leave_one_out"), run_name=spec.run_name,
+            protocol=spec.protocol_name or _PROTOCOL_NAMES.get(spec.protocol, "leave_one_out"), run_name=spec.run_name,
             state=_RUN_STATES.get(run.state, "unknown"), stage=run.progress.stage,
             done=int(run.progress.done), total=int(run.progress.total), message=run.progress.message,
             created=run.created.ToNanoseconds() / 1e9 if run.HasField("created") else None,

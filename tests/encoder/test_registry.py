@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import grpc
 import pytest
 
 from services.common.errors import NotFound
@@ -33,3 +36,26 @@ def test_openclip_ids_resolve_from_open_clip_configs() -> None:
 def test_unknown_models_are_not_found(model_id: str) -> None:
     with pytest.raises(NotFound, match="model"):
         Registry().get(model_id)
+
+
+def test_openclip_ids_carry_open_clips_resize_mode() -> None:
+    """SigLIP's "squash" was lost: every openclip id became resize + centre crop (issue 10)."""
+    assert Registry().get("openclip:ViT-B-16-SigLIP/webli").preprocess.resize_mode == "squash"
+    assert Registry().get("openclip:ViT-B-32/openai").preprocess.resize_mode == "shortest"
+
+
+def test_a_weights_file_with_the_wrong_checksum_is_data_loss(tmp_path: Path) -> None:
+    """A corrupt weights file was INVALID_ARGUMENT, as if the caller had sent something wrong."""
+    from services.common.errors import DataLoss
+    from services.encoder.config import EncoderSettings
+    from services.encoder.core import EncoderCore
+
+    (tmp_path / "efficientnet-lite0.pth").write_bytes(b"not the real weights")
+    core = EncoderCore(EncoderSettings(models=[], weights_dir=tmp_path, metrics_port=-1, port=0))
+    try:
+        with pytest.raises(DataLoss) as err:
+            core.runtime("efficientnet-lite0")
+        assert err.value.code == grpc.StatusCode.DATA_LOSS
+        assert "efficientnet-lite0.pth has SHA-256" in err.value.message and "expected 57934424" in err.value.message
+    finally:
+        core.close()

@@ -132,7 +132,10 @@ def test_health_reflection_and_metrics(real: tuple[RunningServer, object]) -> No
             'grpc_service="retrieval.v1.EncoderService",grpc_type="unary"}') in text
     assert 'grpc_code="DATA_LOSS",grpc_method="GetModel"' in text  # series pre-created at zero
     assert 'encoder_batch_size_count{modality="image",model="efficientnet-lite0"}' in text
-    assert 'encoder_inference_duration_seconds_count{model="efficientnet-lite0",stage="decode"}' in text
+    # The default backend on a CPU is ONNX Runtime; every stage of the model carries it.
+    for stage in ("decode", "queue", "forward"):
+        assert ('encoder_inference_duration_seconds_count{backend="onnxruntime",model="efficientnet-lite0",'
+                f'stage="{stage}"}}') in text
 
 
 def test_health_is_not_serving_until_models_are_warm() -> None:

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
-from services.evaluator.runner import ModelResult, RunSpec
 from services.evaluator.runs import CANCELLED, FAILED, SUCCEEDED, EvaluatorMetrics, RunManager
+from services.evaluator.spec import ModelResult, RunSpec
 
 
 class FakeRunner:
@@ -85,3 +85,51 @@ def test_bad_specs_and_unknown_runs() -> None:
     with pytest.raises(NotFound):
         manager.get("nope")
     manager.close()
+
+
+def test_history_is_bounded_and_listed_page_by_page(tmp_path: Path) -> None:
+    """3,000 failed runs made a 20 MB ListRuns response: every run was kept and listed at once."""
+    gate = threading.Event()
+    gate.set()
+    registry = CollectorRegistry()
+    manager = RunManager(lambda: FakeRunner(gate, fail=True), 1, EvaluatorMetrics(registry),  # type: ignore
+                         state_dir=tmp_path, max_runs_kept=5)
+    ids = []
+    for _ in range(8):
+        ids.append(manager.start(SPEC).id)
+        list(manager.watch(ids[-1]))
+    first, token = manager.list(page_size=2)
+    assert [r.id for r in first] == ids[:-3:-1] and token  # newest first
+    second, token = manager.list(page_size=2, page_token=token)
+    third, last = manager.list(page_size=2, page_token=token)
+    assert [r.id for r in second + third] == ids[-3:-6:-1] and last == ""
+    with pytest.raises(NotFound):
+        manager.get(ids[0])  # forgotten: only the newest 5 finished runs are kept
+    assert len(list(tmp_path.glob("*.json"))) == 5  # on disk too
+    with pytest.raises(InvalidArgument, match="page_token is not one this server gave"):
+        manager.list(page_token="bm90IGEgdG9rZW4")
+    with pytest.raises(InvalidArgument, match="page_size 5000 is over the maximum of 1000"):
+        manager.list(page_size=5000)
+    manager.close()
+
+
+def test_a_restarted_evaluator_reports_interrupted_runs_failed(tmp_path: Path) -> None:
+    """A run that was running when the evaluator died must not look alive (or complete) afterwards."""
+    gate = threading.Event()
+    before = RunManager(lambda: FakeRunner(gate), 1, EvaluatorMetrics(CollectorRegistry()),  # type: ignore
+                        state_dir=tmp_path)
+    running = before.start(SPEC)
+    queued = before.start(SPEC)
+    watcher = before.watch(running.id)
+    while next(watcher).state != "running":
+        pass
+    # The process dies here (no close): a new manager opens the same state directory.
+    after = RunManager(lambda: FakeRunner(gate), 1, EvaluatorMetrics(CollectorRegistry()),  # type: ignore
+                       state_dir=tmp_path)
+    for run_id, was in ((running.id, "running"), (queued.id, "queued")):
+        record = after.get(run_id)
+        assert record.state == FAILED and record.reports == ()
+        assert record.error.startswith(f"interrupted: the evaluator stopped while the run was {was}")
+    gate.set()
+    before.close()
+    after.close()

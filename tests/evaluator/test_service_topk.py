@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from services.evaluator import metrics as mx
-from services.evaluator.runner import index_recall, service_topk_metrics
+from services.evaluator.metrics import index_recall, service_topk_metrics
 
 
 def _data(seed: int = 0, n: int = 60, classes: int = 4, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -489,7 +489,7 @@ DOMAIN_PANELS = [
     ("Encoder", "encoder_batch_size_bucket", {"model", "le"}),
     ("Encoder", "encoder_queue_depth", {"model"}),
     ("Encoder", "encoder_queue_capacity", set()),
-    ("Encoder", "encoder_inference_duration_seconds_bucket", {"stage", "le"}),
+    ("Encoder", "encoder_inference_duration_seconds_bucket", {"stage", "backend", "le"}),
     ("Encoder", "encoder_images_total", {"outcome"}),
     ("Encoder", "encoder_model_load_seconds", {"model"}),
     ("Encoder", "encoder_device_memory_bytes", {"device", "kind"}),

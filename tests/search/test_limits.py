@@ -69,3 +69,41 @@ def test_queries_by_stored_point_in_one_batch(small: SearchCore) -> None:
     with pytest.raises(NotFound, match=f"query 1 of 2: no point {missing}"):
         small.search_batch([("c", Query(np.empty(0, np.float32), 5, point_id=ids[0])),
                             ("c", Query(np.empty(0, np.float32), 5, point_id=missing))])
+
+
+def test_exact_only_collections_never_build_an_index(tmp_path: object) -> None:
+    """An evaluation index is queried once and dropped: building its HNSW graph (in a child process,
+    on the same cores) only slowed its queries down."""
+    from pathlib import Path
+
+    from services.search.edge_store import EdgeStore
+    from services.search.store import IndexStatus
+
+    store = EdgeStore(Path(str(tmp_path)) / "edge", index_idle_seconds=0.05)
+    built: list[str] = []
+    real_build = store._build
+
+    def spy(collection: object, *args: object, **kwargs: object) -> object:
+        built.append(collection.meta.name)  # type: ignore[attr-defined]
+        return real_build(collection, *args, **kwargs)  # type: ignore[arg-type]
+
+    store._build = spy  # type: ignore[method-assign]
+    core = SearchCore(SearchSettings(), store)
+    try:
+        vectors, labels = clustered(200, DIM)
+        for name, exact_only in (("plain", False), ("exact", True)):
+            info = core.create_collection(name, DIM, exact_only=exact_only)
+            assert info.meta.exact_only is exact_only
+            core.upsert(name, make_points(vectors, labels))
+        deadline = time.monotonic() + 30
+        while "plain" not in built and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert built == ["plain"]
+        assert core.get_collection("exact").status == IndexStatus.GREEN
+        assert core.get_collection("exact").meta.exact_only  # kept in the collection's metadata
+    finally:
+        core.close()
+    reopened = EdgeStore(Path(str(tmp_path)) / "edge", index_idle_seconds=None)
+    assert reopened.resolve("exact").exact_only and not reopened.resolve("plain").exact_only
+    reopened.close()

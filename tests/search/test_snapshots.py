@@ -92,7 +92,7 @@ def test_every_peer_snapshots_every_collection_and_old_snapshots_go(
     assert [d.name for d in peers[PEERS[0]].stored["scratch"]] == ["scratch-1.snapshot", "scratch-2.snapshot"]
     # What snapshots do not carry: the aliases, and the layout (as the server reports it; None in local mode).
     assert manifest.aliases == {"products": "products-v1"}
-    assert manifest.collections["products-v1"]["metadata"] == {"model": "clip", "dataset": "shop"}
+    assert manifest.collections["products-v1"]["metadata"] == {"model": "clip", "dataset": "shop", "exact_only": False}
     assert manifest.collections["products-v1"]["dim"] == 4
     assert '"products-v1-2.snapshot"' in manifest.to_json()
 

@@ -339,6 +339,8 @@ class ModelInfo(_message.Message):
     WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
     LOADED_FIELD_NUMBER: _builtins.int
     MAX_TEXT_CHARS_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Registry id, e.g. "efficientnet-lite0" or "openclip:ViT-B-32/openai"."""
     family: _builtins.str
@@ -357,6 +359,12 @@ class ModelInfo(_message.Message):
     """Whether the model is loaded and warm."""
     max_text_chars: _builtins.int
     """Maximum text length in characters accepted by EmbedTexts (0 for image-only models)."""
+    backend: _builtins.str
+    """Inference backend when loaded: "torch" (eager PyTorch) or "onnxruntime"; empty when not loaded."""
+    execution_provider: _builtins.str
+    """ONNX Runtime execution provider when the backend is "onnxruntime" ("CPUExecutionProvider",
+    "CUDAExecutionProvider", "TensorrtExecutionProvider"); empty for torch or when not loaded.
+    """
     @_builtins.property
     def modalities(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Modality.ValueType]: ...
     @_builtins.property
@@ -375,10 +383,12 @@ class ModelInfo(_message.Message):
         weights_sha256: _builtins.str = ...,
         loaded: _builtins.bool = ...,
         max_text_chars: _builtins.int = ...,
+        backend: _builtins.str = ...,
+        execution_provider: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dim", b"dim", "dtype", b"dtype", "family", b"family", "id", b"id", "loaded", b"loaded", "max_text_chars", b"max_text_chars", "modalities", b"modalities", "preprocessing", b"preprocessing", "weights_sha256", b"weights_sha256", "weights_source", b"weights_source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dim", b"dim", "dtype", b"dtype", "execution_provider", b"execution_provider", "family", b"family", "id", b"id", "loaded", b"loaded", "max_text_chars", b"max_text_chars", "modalities", b"modalities", "preprocessing", b"preprocessing", "weights_sha256", b"weights_sha256", "weights_source", b"weights_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

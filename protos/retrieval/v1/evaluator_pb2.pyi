@@ -77,9 +77,11 @@ class RunSpec(_message.Message):
     DATASET_NAME_FIELD_NUMBER: _builtins.int
     TSNE_FIELD_NUMBER: _builtins.int
     RUN_NAME_FIELD_NUMBER: _builtins.int
+    PROTOCOL_NAME_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     """Dataset root (under an allowed root) or a list_of_images.txt file."""
     protocol: Global___Protocol.ValueType
+    """The protocol, for the two classic ones; protocol_name names any registered protocol and wins."""
     catalogue: _builtins.str
     """For PROTOCOL_CATALOGUE_QUERY: list files (or folders) of the catalogue and the queries."""
     queries: _builtins.str
@@ -91,6 +93,8 @@ class RunSpec(_message.Message):
     """The run's report folder under the server's report directory: 1 to 64 letters, digits, '.', '_'
     or '-' (empty: the report directory itself, where the comparison table gathers every run).
     """
+    protocol_name: _builtins.str
+    """The protocol by name: one the evaluator registers ("leave_one_out", "catalogue_query", ...)."""
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Encoder model ids to compare."""
@@ -111,10 +115,11 @@ class RunSpec(_message.Message):
         dataset_name: _builtins.str = ...,
         tsne: _builtins.bool | None = ...,
         run_name: _builtins.str = ...,
+        protocol_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_tsne", b"_tsne", "tsne", b"tsne"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tsne", b"_tsne", "catalogue", b"catalogue", "dataset", b"dataset", "dataset_name", b"dataset_name", "ks", b"ks", "models", b"models", "protocol", b"protocol", "queries", b"queries", "run_name", b"run_name", "tsne", b"tsne"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tsne", b"_tsne", "catalogue", b"catalogue", "dataset", b"dataset", "dataset_name", b"dataset_name", "ks", b"ks", "models", b"models", "protocol", b"protocol", "protocol_name", b"protocol_name", "queries", b"queries", "run_name", b"run_name", "tsne", b"tsne"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__tsne: _TypeAlias = _typing.Literal["tsne"]  # noqa: Y015
     _WhichOneofArgType__tsne: _TypeAlias = _typing.Literal["_tsne", b"_tsne"]  # noqa: Y015

@@ -145,6 +145,7 @@ class CollectionInfo(_message.Message):
     POINTS_COUNT_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
+    EXACT_ONLY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     dim: _builtins.int
     model: _builtins.str
@@ -152,6 +153,8 @@ class CollectionInfo(_message.Message):
     dataset: _builtins.str
     points_count: _builtins.int
     status: Global___IndexStatus.ValueType
+    exact_only: _builtins.bool
+    """Searched exactly only: no HNSW index is built (see CreateCollectionRequest.exact_only)."""
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Aliases that point at this collection."""
@@ -166,10 +169,11 @@ class CollectionInfo(_message.Message):
         points_count: _builtins.int = ...,
         status: Global___IndexStatus.ValueType = ...,
         aliases: _abc.Iterable[_builtins.str] | None = ...,
+        exact_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "dataset", b"dataset", "dim", b"dim", "model", b"model", "name", b"name", "points_count", b"points_count", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "dataset", b"dataset", "dim", b"dim", "exact_only", b"exact_only", "model", b"model", "name", b"name", "points_count", b"points_count", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -184,12 +188,17 @@ class CreateCollectionRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
     EXIST_OK_FIELD_NUMBER: _builtins.int
+    EXACT_ONLY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     dim: _builtins.int
     model: _builtins.str
     dataset: _builtins.str
     exist_ok: _builtins.bool
     """When the collection exists with the same dimension, succeed instead of ALREADY_EXISTS."""
+    exact_only: _builtins.bool
+    """Only ever searched exactly (an evaluation index, queried once and dropped): no HNSW index is
+    built for it, so no CPU goes to a graph nobody will use.
+    """
     def __init__(
         self,
         *,
@@ -198,10 +207,11 @@ class CreateCollectionRequest(_message.Message):
         model: _builtins.str = ...,
         dataset: _builtins.str = ...,
         exist_ok: _builtins.bool = ...,
+        exact_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "dim", b"dim", "exist_ok", b"exist_ok", "model", b"model", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "dim", b"dim", "exact_only", b"exact_only", "exist_ok", b"exist_ok", "model", b"model", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from services.encoder.registry import ModelSpec
 
 RANDOM_INIT = "random-init"
@@ -62,6 +62,10 @@ class FamilyModel:
         weights_sha256: SHA-256 (hex) of the weights file, empty when there is no single file.
         channels_last: run in NHWC memory format (convolutional nets: about 2x faster on CPU,
             tensor-core friendly on GPU).
+        tokenize: texts to a token tensor (B, L) of int64, for models with a text tower; with
+            ``embed_tokens`` it splits ``embed_texts`` into the Python part and the graph that
+            other backends (ONNX Runtime) run.
+        embed_tokens: token tensor (B, L) to features (B, dim), not yet L2-normalised.
     """
 
     module: torch.nn.Module
@@ -70,6 +74,8 @@ class FamilyModel:
     weights_source: str
     weights_sha256: str
     channels_last: bool = False
+    tokenize: Callable[[list[str]], torch.Tensor] | None = None
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -82,11 +88,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def verified_sha256(spec: ModelSpec, path: Path) -> str:
-    """The file's SHA-256, refusing a file that does not match the registry's checksum."""
+    """The file's SHA-256, refusing a file that does not match the registry's checksum (DATA_LOSS:
+    the server's own file is corrupt or wrong; nothing the caller sent is at fault)."""
     digest = sha256_file(path)
     if spec.sha256 and digest != spec.sha256:
-        raise InvalidArgument(f"model {spec.id}: weights file {path} has SHA-256 {digest}, "
-                              f"expected {spec.sha256} (corrupt or wrong file)")
+        raise DataLoss(f"model {spec.id}: weights file {path} has SHA-256 {digest}, "
+                       f"expected {spec.sha256} (corrupt or wrong file)")
     return digest
 
 

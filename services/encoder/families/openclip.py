@@ -54,8 +54,12 @@ def load(spec: ModelSpec, ctx: LoadContext) -> FamilyModel:
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)
 
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts)
+
     def embed_texts(texts: list[str]) -> torch.Tensor:
         device = next(model.parameters()).device
-        return model.encode_text(tokenizer(texts).to(device))
+        return model.encode_text(tokenize(texts).to(device))
 
-    return FamilyModel(model, model.encode_image, embed_texts, source, digest)
+    return FamilyModel(model, model.encode_image, embed_texts, source, digest,
+                       tokenize=tokenize, embed_tokens=model.encode_text)

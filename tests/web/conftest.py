@@ -108,8 +108,10 @@ def clip_gateway(web_stack: WebStack) -> Iterator[ClipGateway]:
     from services.encoder.config import EncoderSettings
     from services.encoder.servicer import create_encoder_server
 
+    # The torch backend: an ONNX export of a random-weights CLIP (at load) would cost more than the tests.
     running, core = create_encoder_server(EncoderSettings(port=0, metrics_port=-1, models=["clip-vit-b-32"],
-                                                          default_model="clip-vit-b-32", random_weights=True),
+                                                          default_model="clip-vit-b-32", random_weights=True,
+                                                          backend="torch"),
                                           background=False)
     address = f"127.0.0.1:{running.port}"
     try:

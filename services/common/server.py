@@ -450,8 +450,18 @@ class _ErrorsInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
+        tolerant = _tolerant(handler.request_deserializer)
         if getattr(_behavior(handler), "experimental_non_blocking", False):
-            return handler  # health Watch: grpcio's own servicer, answering through a callback
+            # Health Watch: grpcio's own servicer, answering through a callback; only its request is ours.
+            def non_blocking(inner: Behavior) -> Behavior:
+                def call(request: Any, context: grpc.ServicerContext, send: Callable[[Any], None]) -> Any:
+                    if isinstance(request, _Undecodable):
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is {request.reason}")
+                    return inner(request, context, send)
+
+                return call
+
+            return _rewrap(handler, non_blocking, request_deserializer=tolerant)
 
         def checked(requests: Iterator[Any]) -> Iterator[Any]:
             for index, request in enumerate(requests):
@@ -483,7 +493,7 @@ class _ErrorsInterceptor(grpc.ServerInterceptor):
             except BaseException as exc:
                 _fail(exc, context)
 
-        return _rewrap(handler, wrap, request_deserializer=_tolerant(handler.request_deserializer))
+        return _rewrap(handler, wrap, request_deserializer=tolerant)
 
 
 def _fail(exc: BaseException, context: grpc.ServicerContext) -> None:

@@ -51,7 +51,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from services.common.errors import InvalidArgument, ServiceError, rich_status
+from services.common.errors import InvalidArgument, ServiceError, bounded_message, rich_status
 from services.common.metrics import GrpcServerMetrics, MetricsEndpoint, rpc_type, start_metrics_endpoint
 from services.common.settings import ServerSettings
 
@@ -514,7 +514,7 @@ def _fail(exc: BaseException, context: grpc.ServicerContext) -> None:
     if isinstance(exc, grpc.RpcError):
         raise exc  # the request stream broke under the handler; grpcio ends the call
     log.error("unhandled error in RPC", exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    context.abort(grpc.StatusCode.INTERNAL, bounded_message(f"internal error: {type(exc).__name__}: {exc}"))
 
 
 # -- the factory ------------------------------------------------------------------------------------

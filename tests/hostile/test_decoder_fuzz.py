@@ -9,6 +9,7 @@ import io
 import time
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -21,6 +22,8 @@ from tests.hostile.conftest import decoder_cases, fuzz_settings
 from tests.hostile.harness import Case, Ledger, message_problems
 from tests.hostile.wire import junk, mutated, weighted
 
+# PIL warns about the corrupt files it reads (that is what this test feeds it).
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL.*")
 LIMITS = {"max_bytes": 256 * 1024, "max_pixels": 4_000_000, "max_aspect_ratio": 50.0}
 PREPROCESS = [Preprocess(resize=32, crop=28), Preprocess(resize=28, crop=28, resize_mode="squash"),
               Preprocess(resize=28, crop=28, resize_mode="longest", interpolation="bilinear")]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -75,11 +75,14 @@ class Hints:
         strings: likely values of string and bytes fields (valid names and ids, paths, images).
         ints: likely values of integer and enum fields (limits and their neighbours).
         counts: interesting lengths of repeated fields (limits, limit + 1, a vector's dimension).
+        well_formed: build messages that parse (valid UTF-8, no malformed unknown or nested fields), so
+            that their hostile values reach the service's own checks; otherwise anything goes.
     """
 
     strings: Mapping[str, Sequence[bytes]] = field(default_factory=dict)
     ints: Mapping[str, Sequence[int]] = field(default_factory=dict)
     counts: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    well_formed: bool = False
 
     def lookup(self, table: Mapping[str, Sequence[T]], fd: FieldDescriptor) -> Sequence[T]:
         owner = getattr(fd.containing_type, "name", "")
@@ -104,14 +107,17 @@ def _text() -> st.SearchStrategy[bytes]:
 def string_values(fd: FieldDescriptor, hints: Hints) -> st.SearchStrategy[bytes]:
     """A string or bytes field's value: hinted, hinted with hostile additions, or hostile outright."""
     hinted = list(hints.lookup(hints.strings, fd))
-    hostile: list[tuple[int, st.SearchStrategy[bytes]]] = [
-        (3, st.sampled_from(HOSTILE_STRINGS)), (2, st.sampled_from(INVALID_UTF8)), (2, _text()),
-        (1, st.binary(max_size=64)), (1, _long_strings())]
+    loose = not hints.well_formed or fd.type == F.TYPE_BYTES
+    hostile: list[tuple[int, st.SearchStrategy[bytes]]] = [(3, st.sampled_from(HOSTILE_STRINGS)), (2, _text()),
+                                                           (1, _long_strings())]
+    if loose:
+        hostile += [(2, st.sampled_from(INVALID_UTF8)), (1, st.binary(max_size=64))]
     if not hinted:
         return weighted(*hostile)
-    glued = st.tuples(st.sampled_from(hinted), st.sampled_from(HOSTILE_STRINGS + INVALID_UTF8), st.booleans()).map(
+    glue = HOSTILE_STRINGS + INVALID_UTF8 if loose else HOSTILE_STRINGS
+    glued = st.tuples(st.sampled_from(hinted), st.sampled_from(glue), st.booleans()).map(
         lambda t: t[0] + t[1] if t[2] else t[1] + t[0])
-    return weighted((10, st.sampled_from(hinted)), (2, glued), *hostile)
+    return weighted((10 if loose else 20, st.sampled_from(hinted)), (2, glued), *hostile)
 
 
 def int_values(fd: FieldDescriptor, hints: Hints) -> st.SearchStrategy[int]:
@@ -156,7 +162,7 @@ def wire_type(fd: FieldDescriptor) -> int:
 def _float_run(draw: st.DrawFn, count: int) -> bytes:
     """``count`` float32 values, mostly ordinary, some special, as packed little-endian bytes."""
     values = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).standard_normal(count).astype("<f4")
-    for _ in range(draw(st.integers(0, 3)) if count else 0):
+    for _ in range(draw(weighted((3, st.just(0)), (1, st.integers(1, 3)))) if count else 0):
         values[draw(st.integers(0, count - 1))] = draw(st.sampled_from(FLOATS))
     return values.tobytes()
 
@@ -171,7 +177,8 @@ def field_bytes(draw: st.DrawFn, fd: FieldDescriptor, hints: Hints, depth: int) 
     if fd.message_type is not None:
         inner = message_bytes(fd.message_type, hints, depth + 1) if depth < 3 else st.just(b"")
         garbage = st.binary(max_size=24)
-        one = weighted((9, inner), (1, garbage)).map(lambda payload: length_delimited(fd.number, payload))
+        payloads = inner if hints.well_formed else weighted((9, inner), (1, garbage))
+        one = payloads.map(lambda payload: length_delimited(fd.number, payload))
         if not fd.is_repeated:
             return b"".join(draw(st.lists(one, max_size=2)))
         count = draw(_counts(fd, hints))
@@ -215,17 +222,19 @@ def _read_varint(data: bytes) -> tuple[int, int]:
     return value, len(data)
 
 
-def unknown_field() -> st.SearchStrategy[bytes]:
+def unknown_field(well_formed: bool) -> st.SearchStrategy[bytes]:
     """A field the schema does not have (or a reserved one), of every wire type, some malformed."""
     number = st.one_of(st.sampled_from([7, 15, 16, 99, 1000, 2**29 - 1]), st.integers(1, 2**29 - 1))
-    return st.one_of(
+    valid = [
         st.tuples(number, st.sampled_from(INTS)).map(lambda t: key(t[0], VARINT) + varint(t[1])),
         st.tuples(number, st.binary(max_size=32)).map(lambda t: length_delimited(*t)),
         st.tuples(number, st.binary(min_size=4, max_size=4)).map(lambda t: key(t[0], I32) + t[1]),
         st.tuples(number, st.binary(min_size=8, max_size=8)).map(lambda t: key(t[0], I64) + t[1]),
         number.map(lambda n: key(n, SGROUP) + key(n, EGROUP)),
-        st.tuples(number, st.sampled_from([SGROUP, EGROUP, 6, 7])).map(lambda t: key(*t)),
-    )
+    ]
+    if well_formed:
+        return st.one_of(valid)
+    return st.one_of(*valid, st.tuples(number, st.sampled_from([SGROUP, EGROUP, 6, 7])).map(lambda t: key(*t)))
 
 
 _MESSAGES: dict[tuple[int, int, int], st.SearchStrategy[bytes]] = {}
@@ -241,7 +250,7 @@ def message_bytes(descriptor: Any, hints: Hints, depth: int = 0) -> st.SearchStr
 
 def _message_bytes(descriptor: Any, hints: Hints, depth: int) -> st.SearchStrategy[bytes]:
     parts = [field_bytes(fd, hints, depth) for fd in descriptor.fields]
-    unknown = weighted((8, st.just([])), (2, st.lists(unknown_field(), min_size=1, max_size=2)))
+    unknown = weighted((8, st.just([])), (2, st.lists(unknown_field(hints.well_formed), min_size=1, max_size=2)))
     chunks = st.tuples(st.tuples(*parts), unknown).map(lambda t: [c for c in (*t[0], *t[1]) if c])
     return chunks.flatmap(lambda cs: st.permutations(cs)).map(b"".join)
 
@@ -285,13 +294,18 @@ def junk() -> st.SearchStrategy[bytes]:
                          lambda t: key(t[0], LEN) + varint(t[1]) + t[2]))
 
 
+_WELL_FORMED: dict[int, Hints] = {}
+
+
 def request_bytes(descriptor: Any, seeds: Sequence[bytes], hints: Hints) -> st.SearchStrategy[tuple[str, bytes]]:
     """One request and how it was made: ``seed`` (valid, as it is), ``structured``, ``mutated`` or ``junk``."""
     def tag(kind: str) -> Callable[[bytes], tuple[str, bytes]]:
         return lambda data: (kind, data)
 
+    strict = _WELL_FORMED.setdefault(id(hints), replace(hints, well_formed=True))
     return weighted((2, st.sampled_from(list(seeds)).map(tag("seed"))),
-                    (9, message_bytes(descriptor, hints).map(tag("structured"))),
+                    (6, message_bytes(descriptor, strict).map(tag("structured"))),
+                    (3, message_bytes(descriptor, hints).map(tag("structured"))),
                     (9, mutated(seeds).map(tag("mutated"))), (2, junk().map(tag("junk"))))
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.hostile.harness import Ledger, rss_mb
-from tests.hostile.platform import Platform, start_platform
 from tests.hostile.rpcs import RPCS
+from tests.hostile.servers import Platform, start_platform
 
 DEFAULT_CASES = 400
 DECODER_SHARE = 0.2  # of the cases, for the image decoder alone; the rest are spread over the RPCs
@@ -34,7 +35,7 @@ def decoder_cases() -> int:
 
 def rpc_cases() -> int:
     """Generated cases per RPC."""
-    return max(6, (total_cases() - decoder_cases()) // len(RPCS))
+    return max(6, math.ceil((total_cases() - decoder_cases()) / len(RPCS)))
 
 
 def fuzz_settings(examples: int) -> Callable[[Any], Any]:

@@ -8,8 +8,8 @@ import grpc
 from google.protobuf.message import Message
 
 from tests.hostile.harness import Case, Outcome, invoke, message_problems
-from tests.hostile.platform import Platform
 from tests.hostile.rpcs import BY_NAME
+from tests.hostile.servers import Platform
 
 
 @dataclass(frozen=True)

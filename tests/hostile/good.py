@@ -10,7 +10,7 @@ import numpy as np
 from retrieval.v1 import encoder_pb2, encoder_pb2_grpc, evaluator_pb2, evaluator_pb2_grpc, search_pb2, search_pb2_grpc
 
 from tests.encoder.images import jpeg
-from tests.hostile.platform import CLIP_MICRO, MICRO, REF, SCRATCH, Platform, ref_ids, ref_vectors
+from tests.hostile.servers import CLIP_MICRO, MICRO, REF, SCRATCH, Platform, ref_ids, ref_vectors
 
 _TERMINAL = (evaluator_pb2.RUN_STATE_SUCCEEDED, evaluator_pb2.RUN_STATE_FAILED, evaluator_pb2.RUN_STATE_CANCELLED)
 

@@ -24,8 +24,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.server import HEALTH_SERVICE
-from tests.hostile.platform import MAX_MESSAGE, Platform
 from tests.hostile.rpcs import BIDI, SERVER_STREAM, Rpc
+from tests.hostile.servers import MAX_MESSAGE, Platform
 from tests.hostile.wire import parse
 
 C = grpc.StatusCode
@@ -121,7 +121,7 @@ def _server_stream(chan: grpc.Channel, rpc: Rpc, case: Case, md: list[tuple[str,
         case.messages[0], metadata=md, timeout=deadline)
     for response in call:
         responses.append(response)
-        settle = time.monotonic() + 0.3
+        settle = time.monotonic() + 0.15
         while not call.done() and time.monotonic() < settle:
             time.sleep(0.02)
         if not call.done():

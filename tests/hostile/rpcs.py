@@ -15,7 +15,7 @@ from retrieval.v1 import encoder_pb2, evaluator_pb2, search_pb2
 
 from services.common.server import HEALTH_SERVICE, REFLECTION_SERVICE
 from tests.hostile import bad_images
-from tests.hostile.platform import CLIP_MICRO, DIM, MICRO, NOT_LOADED, REF, SCRATCH, Platform, ref_ids, ref_vectors
+from tests.hostile.servers import CLIP_MICRO, DIM, MICRO, NOT_LOADED, REF, SCRATCH, Platform, ref_ids, ref_vectors
 from tests.hostile.wire import Hints
 
 C = grpc.StatusCode
@@ -36,7 +36,8 @@ class Rpc:
         request, response: the message classes.
         kind: UNARY, SERVER_STREAM or BIDI.
         codes: the status codes it may answer besides ``ALWAYS`` (never UNKNOWN, never INTERNAL).
-        destructive: it changes state, so its hints never name the collection the fuzzers only read.
+        protect: collections its hints never name (it would change them: the fuzzers only read ``REF``
+            and write to ``SCRATCH``).
     """
 
     server: str
@@ -46,7 +47,7 @@ class Rpc:
     response: type[Message]
     kind: str = UNARY
     codes: frozenset[grpc.StatusCode] = frozenset()
-    destructive: bool = False
+    protect: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -77,21 +78,21 @@ RPCS: tuple[Rpc, ...] = (
     Rpc("encoder", ENCODER, "GetModel", encoder_pb2.GetModelRequest, encoder_pb2.GetModelResponse,
         codes=frozenset({NF})),
     Rpc("search", SEARCH, "CreateCollection", search_pb2.CreateCollectionRequest, search_pb2.CreateCollectionResponse,
-        codes=frozenset({AE, FP}), destructive=True),
+        codes=frozenset({AE, FP}), protect=(REF,)),
     Rpc("search", SEARCH, "DeleteCollection", search_pb2.DeleteCollectionRequest, search_pb2.DeleteCollectionResponse,
-        codes=frozenset({NF, FP}), destructive=True),
+        codes=frozenset({NF, FP}), protect=(REF, SCRATCH)),
     Rpc("search", SEARCH, "ListCollections", search_pb2.ListCollectionsRequest, search_pb2.ListCollectionsResponse),
     Rpc("search", SEARCH, "GetCollection", search_pb2.GetCollectionRequest, search_pb2.GetCollectionResponse,
         codes=frozenset({NF})),
     Rpc("search", SEARCH, "SetAlias", search_pb2.SetAliasRequest, search_pb2.SetAliasResponse,
-        codes=frozenset({NF, AE}), destructive=True),
+        codes=frozenset({NF, AE}), protect=(REF,)),
     Rpc("search", SEARCH, "DeleteAlias", search_pb2.DeleteAliasRequest, search_pb2.DeleteAliasResponse,
-        codes=frozenset({NF}), destructive=True),
+        codes=frozenset({NF}), protect=(REF,)),
     Rpc("search", SEARCH, "ListAliases", search_pb2.ListAliasesRequest, search_pb2.ListAliasesResponse),
     Rpc("search", SEARCH, "Upsert", search_pb2.UpsertRequest, search_pb2.UpsertResponse, BIDI, frozenset({NF}),
-        destructive=True),
+        protect=(REF,)),
     Rpc("search", SEARCH, "Delete", search_pb2.DeleteRequest, search_pb2.DeleteResponse, codes=frozenset({NF}),
-        destructive=True),
+        protect=(REF,)),
     Rpc("search", SEARCH, "Search", search_pb2.SearchRequest, search_pb2.SearchResponse, codes=frozenset({NF})),
     Rpc("search", SEARCH, "SearchBatch", search_pb2.SearchBatchRequest, search_pb2.SearchBatchResponse,
         codes=frozenset({NF})),
@@ -194,17 +195,15 @@ def _utf8(values: Sequence[str]) -> list[bytes]:
     return [v.encode() for v in values]
 
 
-def hints(platform: Platform, destructive: bool) -> Hints:
-    """What the generator knows of the running platform: valid names, ids and limits, and their edges.
-
-    Destructive RPCs never get the name of the collection the fuzzers only read (``REF``).
-    """
+def hints(platform: Platform, protect: Sequence[str] = ()) -> Hints:
+    """What the generator knows of the running platform: valid names, ids and limits, and their edges;
+    the names in ``protect`` left out."""
     ids = ref_ids()
     uuid_forms = [ids[0].upper(), "{" + ids[1] + "}", "urn:uuid:" + ids[2], ids[3].replace("-", ""),
                   "00000000-0000-0000-0000-000000000000", "not-a-uuid", ids[4][:-1]]
-    names = ["fz-new", SCRATCH, "al", "fz-alias", "eval__x", "x" * 255, "x" * 256, "-x", "a/b", "..", "a" * 100_000]
-    if not destructive:
-        names = [REF, REF, *names]
+    names = [REF, REF, REF, SCRATCH, "fz-new", "al", "fz-alias", "eval__x", "x" * 255, "x" * 256, "-x", "a/b", "..",
+             "a" * 100_000]
+    names = [n for n in names if n not in protect]
     root = str(platform.allowed_root)
     nested = base64.urlsafe_b64encode(b"[" * 50_000).decode()
     forged = base64.urlsafe_b64encode(b'[1e308, "zz"]').decode()

@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from retrieval.v1 import encoder_pb2, evaluator_pb2, search_pb2
 
 from tests.hostile.corpus import Bad, check
-from tests.hostile.platform import MICRO, REF, Platform
+from tests.hostile.servers import MICRO, REF, Platform
 
 C = grpc.StatusCode
 MISSING = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"

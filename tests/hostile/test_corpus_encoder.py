@@ -14,8 +14,8 @@ from retrieval.v1 import encoder_pb2, encoder_pb2_grpc
 from tests.encoder.images import jpeg
 from tests.hostile.corpus import Bad, check
 from tests.hostile.harness import Case, in_flight, invoke
-from tests.hostile.platform import CLIP_MICRO, MICRO, NOT_LOADED, Platform
 from tests.hostile.rpcs import BY_NAME
+from tests.hostile.servers import CLIP_MICRO, MICRO, NOT_LOADED, Platform
 from tests.hostile.wire import length_delimited
 
 C = grpc.StatusCode

@@ -10,7 +10,7 @@ import pytest
 from retrieval.v1 import evaluator_pb2
 
 from tests.hostile.corpus import Bad, check
-from tests.hostile.platform import MICRO, Platform
+from tests.hostile.servers import MICRO, Platform
 from tests.hostile.wire import length_delimited
 
 C = grpc.StatusCode

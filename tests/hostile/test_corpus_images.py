@@ -16,7 +16,7 @@ from retrieval.v1 import encoder_pb2, encoder_pb2_grpc
 
 from tests.encoder.images import encode, gradient, jpeg
 from tests.hostile import bad_images as bad
-from tests.hostile.platform import MICRO, Platform
+from tests.hostile.servers import MICRO, Platform
 
 OK = grpc.StatusCode.OK
 IA, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -8,7 +8,7 @@ import pytest
 from retrieval.v1 import search_pb2, search_pb2_grpc
 
 from tests.hostile.corpus import Bad, check
-from tests.hostile.platform import REF, SCRATCH, Platform, ref_ids, ref_vectors
+from tests.hostile.servers import REF, SCRATCH, Platform, ref_ids, ref_vectors
 from tests.hostile.wire import length_delimited
 
 C = grpc.StatusCode

@@ -26,8 +26,8 @@ from tests.hostile.harness import (
     settle_in_flight,
     violations,
 )
-from tests.hostile.platform import Platform
 from tests.hostile.rpcs import BIDI, RPCS, Rpc, hints, seeds
+from tests.hostile.servers import Platform
 from tests.hostile.wire import Hints, request_bytes, weighted
 
 HEALTH_EVERY = 50  # cases between health checks within a batch
@@ -52,16 +52,15 @@ def case_strategy(rpc: Rpc, valid: list[bytes], known: Hints) -> st.SearchStrate
 
 
 @pytest.fixture(scope="module")
-def known(platform: Platform) -> tuple[dict[str, list[bytes]], Hints, Hints]:
-    """Valid requests per RPC, and the hints of read-only and of destructive RPCs."""
-    return seeds(platform), hints(platform, destructive=False), hints(platform, destructive=True)
+def valid(platform: Platform) -> dict[str, list[bytes]]:
+    """Valid requests per RPC."""
+    return seeds(platform)
 
 
 @pytest.mark.parametrize("rpc", RPCS, ids=lambda rpc: rpc.name)
 def test_rpc_survives_hostile_requests(rpc: Rpc, platform: Platform, ledger: Ledger,
-                                       known: tuple[dict[str, list[bytes]], Hints, Hints]) -> None:
-    valid, read_hints, write_hints = known
-    strategy = case_strategy(rpc, valid[rpc.name], write_hints if rpc.destructive else read_hints)
+                                       valid: dict[str, list[bytes]]) -> None:
+    strategy = case_strategy(rpc, valid[rpc.name], hints(platform, rpc.protect))
     done = 0
 
     @fuzz_settings(rpc_cases())

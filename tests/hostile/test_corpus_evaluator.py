@@ -42,7 +42,7 @@ def corpus(platform: Platform) -> dict[str, Bad]:
         "no models": Bad("evaluator.StartRun", (_start(dataset=tiny, models=[]),), C.INVALID_ARGUMENT,
                          "run spec: no models"),
         "a cut-off past the deepest": Bad("evaluator.StartRun", (_start(dataset=tiny, ks=[1, 1001]),),
-                                          C.INVALID_ARGUMENT, "run spec: ks must be at most 1000"),
+                                          C.INVALID_ARGUMENT, "run spec: ks must be integers from 1 to 1000"),
         "an unknown protocol": Bad("evaluator.StartRun", (_start(dataset=tiny, protocol=7),), C.INVALID_ARGUMENT,
                                    "run spec: unknown protocol value 7"),
         "a catalogue without queries": Bad("evaluator.StartRun", (_start(dataset=tiny, catalogue="a.txt",

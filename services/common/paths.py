@@ -23,17 +23,24 @@ def resolve_allowed(path: str | os.PathLike[str], allowed_roots: Sequence[str | 
         what: how error messages name the path ("dataset path", "image").
 
     Raises:
-        InvalidArgument: no allowed roots, or the path resolves outside all of them.
+        InvalidArgument: no allowed roots, a path the file system cannot hold (a NUL byte, a name
+            too long), or one that resolves outside all of them.
         NotFound: the path does not exist.
     """
     if not allowed_roots:
         raise InvalidArgument("no allowed dataset roots are configured")
+    if "\0" in os.fspath(path):
+        raise InvalidArgument(f"{what} contains a NUL byte")
     candidate = Path(path)
-    resolved = candidate.resolve()
-    # Outside the roots is refused before existence is checked: no probing of other paths.
-    if not any(resolved.is_relative_to(Path(root).resolve()) for root in allowed_roots):
-        raise InvalidArgument(f"{what} {str(candidate)!r} is outside the allowed roots "
-                              f"({', '.join(str(r) for r in allowed_roots)})")
-    if not resolved.exists():
+    try:
+        resolved = candidate.resolve()
+        # Outside the roots is refused before existence is checked: no probing of other paths.
+        if not any(resolved.is_relative_to(Path(root).resolve()) for root in allowed_roots):
+            raise InvalidArgument(f"{what} {str(candidate)!r} is outside the allowed roots "
+                                  f"({', '.join(str(r) for r in allowed_roots)})")
+        exists = resolved.exists()
+    except OSError as exc:  # ENAMETOOLONG, ELOOP...: the file system cannot hold such a path
+        raise InvalidArgument(f"{what} {str(candidate)!r} is not a usable path: {exc.strerror}") from None
+    if not exists:
         raise NotFound(f"{what} {str(candidate)!r} does not exist")
     return resolved

@@ -36,6 +36,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_TOKEN_CHARS = 256  # the tokens this server gives are about 60 characters
 
 
 @dataclass(frozen=True)
@@ -223,9 +224,11 @@ class RunManager:
         after: tuple[float, str] | None = None
         if page_token:
             try:
+                if len(page_token) > MAX_PAGE_TOKEN_CHARS:
+                    raise ValueError("too long")
                 created, run_id = json.loads(base64.urlsafe_b64decode(page_token.encode()))
                 after = (float(created), str(run_id))
-            except (ValueError, TypeError, binascii.Error):
+            except (ValueError, TypeError, binascii.Error, RecursionError):
                 raise InvalidArgument("page_token is not one this server gave (take next_page_token "
                                       "from the previous response)") from None
         with self._changed:

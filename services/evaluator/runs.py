@@ -25,7 +25,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from services.common.errors import (
+    Cancelled,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+)
 from services.common.files import atomic_write_text
 from services.evaluator.runner import Runner
 from services.evaluator.spec import ModelResult, RunSpec
@@ -101,10 +108,11 @@ class RunManager:
         metrics: where run counts and durations go.
         state_dir: where run records persist (None: memory only, for tests).
         max_runs_kept: finished runs remembered; the oldest are forgotten first.
+        max_queued: runs queued or running at once; beyond it ``start`` refuses (with a retry hint).
     """
 
     def __init__(self, runner: Callable[[], Runner], max_concurrent: int, metrics: EvaluatorMetrics,
-                 state_dir: Path | None = None, max_runs_kept: int = 1000) -> None:
+                 state_dir: Path | None = None, max_runs_kept: int = 1000, max_queued: int = 100) -> None:
         self._runner = runner
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="run")
         self._runs: dict[str, RunRecord] = {}
@@ -113,6 +121,7 @@ class RunManager:
         self._metrics = metrics
         self._state_dir = state_dir
         self._max_kept = max_runs_kept
+        self._max_queued = max_queued
         if state_dir is not None:
             self._recover(state_dir)
 
@@ -167,6 +176,11 @@ class RunManager:
         run_id = uuid.uuid4().hex[:12]
         record = RunRecord(id=run_id, spec=spec)
         with self._changed:
+            waiting = sum(r.state not in TERMINAL for r in self._runs.values())
+            if waiting >= self._max_queued:
+                raise ResourceExhausted(f"{waiting} runs are queued or running, the limit is {self._max_queued} "
+                                        "(EVALUATOR_MAX_QUEUED_RUNS); retry when some have finished",
+                                        retry_after=30.0)
             self._runs[run_id] = record
             self._cancel[run_id] = threading.Event()
             self._persist(record)

@@ -149,7 +149,7 @@ def main() -> int:
     config = StackConfig.on_free_ports(data_dir=work / "qdrant", log_dir=work / "logs", output_dir=work / "reports",
                                        cache_dir=cache_dir, models=(args.encoder,),
                                        allowed_roots=(dataset,) if transfer is None else (dataset, transfer),
-                                       adapters_dir=adapters_dir)
+                                       adapters_dir=adapters_dir, web=False)
     log(f"[1/4] starting the stack ({args.encoder}, adapters from {adapters_dir}; work folder {work})")
     with Stack(config), EvaluatorClient(config.address("evaluator")) as client:
         client.wait_ready(timeout=60)

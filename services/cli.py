@@ -37,6 +37,52 @@ def _search_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+def _web_serve(args: argparse.Namespace) -> int:
+    from services.common.settings import settings_from_args
+    from services.web.config import WebSettings
+    from services.web.server import serve
+
+    settings = settings_from_args(WebSettings, args)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(settings)
+
+
+def _index_dataset(encoder_address: str, search_address: str, dataset: Path, model: str, cache_dir: Path,
+                   args: argparse.Namespace, name: str = "", collection: str = "") -> Any:
+    """Indexes ``dataset`` into its browsable collection through the services (``retrieval index``)."""
+    from services.common.clients import EncoderClient, SearchClient
+    from services.evaluator.cache import EmbeddingCache
+    from services.evaluator.datasets import open_dataset, read_list
+    from services.evaluator.indexing import index_dataset
+
+    allowed = [dataset if dataset.is_dir() else dataset.parent]  # the dataset named here is allowed
+    opened = (read_list(dataset, allowed_roots=allowed, name=name or None) if dataset.is_file()
+              else open_dataset(dataset, allowed_roots=allowed, name=name or None))
+    with EncoderClient(_endpoint(encoder_address, args)) as encoder, \
+            SearchClient(_endpoint(search_address, args)) as search:
+        encoder.wait_ready(timeout=600)
+        search.wait_ready(timeout=120)
+        bars = _Bars()
+        try:
+            return index_dataset(encoder, search, opened, model=model, cache=EmbeddingCache(cache_dir),
+                                 collection=collection, progress=lambda stage, d, t: bars(stage, d, t, ""))
+        finally:
+            bars.close()
+
+
+def _index(args: argparse.Namespace) -> int:
+    """Embeds a dataset and keeps it in a collection people can search (the web page)."""
+    result = _index_dataset(args.encoder, args.search, Path(args.dataset).resolve(), args.model,
+                            Path(args.cache_dir), args, name=args.name or "", collection=args.collection or "")
+    print(f"indexed {result.indexed} images of {result.dataset} with {result.model} into collection "
+          f"{result.collection} ({len(result.excluded)} excluded, {result.removed} stale points removed"
+          f"{', embeddings from the cache' if result.from_cache else ''})")
+    for path, reason in result.excluded[:20]:
+        print(f"  excluded {path}: {reason}")
+    return 0
+
+
 def _endpoint(address: str, args: argparse.Namespace) -> Any:
     """The endpoint of a service named on the command line, with the client flags (token, TLS)."""
     from services.common.clients import ClientTLS, Endpoint
@@ -93,18 +139,20 @@ def _up(args: argparse.Namespace) -> int:
                "auth_token": args.auth_token or None,
                **{k: Path(v).resolve() for k in ("tls_cert_file", "tls_key_file", "tls_ca_file")
                   if (v := getattr(args, k))}}
+    options["web_port"] = args.web_port
     config = StackConfig.on_free_ports(**options) if args.free_ports else StackConfig(**options)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stack = Stack(config)
-    print(f"starting encoder ({', '.join(config.models)}), search (Qdrant Edge in {config.data_dir}) and "
-          f"evaluator; logs in {config.log_dir}", flush=True)
+    print(f"starting encoder ({', '.join(config.models)}), search (Qdrant Edge in {config.data_dir}), "
+          f"evaluator and the web gateway; logs in {config.log_dir}", flush=True)
     try:
         stack.start()
         for service in SERVICES:
             print(f"  {service:<9} grpc {config.address(service)}   metrics "
                   f"http://{config.host}:{config.metrics_ports[service]}/metrics")
+        print(f"  {'web':<9} {config.web_url}   (search page; reports from {config.output_dir})")
         print("ready; Ctrl-C stops", flush=True)
         while not stop.is_set() and all(p.poll() is None for p in stack.processes.values()):
             stop.wait(1.0)
@@ -135,19 +183,52 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"starting the stack (encoder {config.address('encoder')}, search {config.address('search')}, "
           f"evaluator {config.address('evaluator')}; logs in {config.log_dir})...", flush=True)
     with Stack(config):
-        print(f"stack ready in {time.monotonic() - start:.0f} s", flush=True)
+        print(f"stack ready in {time.monotonic() - start:.0f} s; search page and run progress: {config.web_url}",
+              flush=True)
         spec = RunSpec(dataset=str(dataset), models=tuple(args.models), protocol=args.protocol,
                        catalogue=args.catalogue or "", queries=args.queries or "", tsne=not args.no_tsne)
         code = _follow_runs(config.address("evaluator"), args, [spec])
-    if code != 0:
-        return code
-    md_path, html_path = aggregate(output)
-    name = dataset.name
-    reports = [r for r in load_reports(output) if r["dataset"]["name"] == name and r["protocol"] == args.protocol]
-    print(f"\nmAP, {args.protocol} on {name} ({reports[0]['dataset']['n_images']} images):\n")
-    print(markdown_table(reports, "map"))
-    print(f"\nreport: {md_path}\n        {html_path}\ntotal {time.monotonic() - start:.0f} s")
+        if code != 0:
+            return code
+        # A collection to search on the page (the run's own evaluation collections are dropped); the
+        # run's embeddings come from the cache.
+        from services.common.errors import ServiceError
+
+        try:
+            indexed = _index_dataset(config.address("encoder"), config.address("search"), dataset, args.models[0],
+                                     config.cache_dir, args)
+        except ServiceError as exc:  # e.g. a train/ + test/ folder split, which is no single dataset
+            indexed = None
+            print(f"not indexed for the search page: {exc.message}")
+        md_path, html_path = aggregate(output)
+        name = dataset.name
+        reports = [r for r in load_reports(output) if r["dataset"]["name"] == name and r["protocol"] == args.protocol]
+        print(f"\nmAP, {args.protocol} on {name} ({reports[0]['dataset']['n_images']} images):\n")
+        print(markdown_table(reports, "map"))
+        print(f"\nreport: {md_path}\n        {html_path}")
+        page = f"{config.web_url}?c={indexed.collection}" if indexed else config.web_url
+        if indexed:
+            print(f"search page: {page} ({indexed.indexed} images of {indexed.dataset}, {indexed.model})")
+        print(f"total {time.monotonic() - start:.0f} s", flush=True)
+        if args.serve:
+            _serve_until_stopped(f"serving the stack and the search page until Ctrl-C: {page}")
+        else:
+            print(f"(the stack stops now; `retrieval demo --serve` keeps it and the page up; the collection stays "
+                  f"in {config.data_dir})")
     return 0
+
+
+def _serve_until_stopped(message: str) -> None:
+    """Blocks until Ctrl-C or SIGTERM."""
+    import contextlib
+    import signal
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(message, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
 
 
 def _evaluator_serve(args: argparse.Namespace) -> int:
@@ -342,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     from services.evaluator.config import EvaluatorSettings
     from services.evaluator.protocols import PROTOCOLS
     from services.search.config import SearchSettings
+    from services.web.config import WebSettings
 
     parser = argparse.ArgumentParser(prog="retrieval", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -428,7 +510,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(search_serve, SearchSettings)
     search_serve.set_defaults(func=_search_serve)
 
-    up = commands.add_parser("up", help="start encoder, search and evaluator locally until Ctrl-C")
+    web = commands.add_parser("web", help="the web gateway (search page)").add_subparsers(dest="action", required=True)
+    web_serve = web.add_parser("serve", help="run the HTTP gateway and its search page",
+                               description="Flags override WEB_* environment variables.")
+    add_settings_arguments(web_serve, WebSettings)
+    web_serve.set_defaults(func=_web_serve)
+
+    index = commands.add_parser("index", help="embed a dataset into a collection people can search (web page)")
+    index.add_argument("--dataset", required=True, help="dataset root or list_of_images.txt")
+    index.add_argument("--model", default="", help="encoder model id (default: the encoder's default)")
+    index.add_argument("--name", help="dataset name in the points' payload (default: the folder's name)")
+    index.add_argument("--collection", help="collection name (default: <dataset>__<model>)")
+    index.add_argument("--encoder", default="127.0.0.1:50051", help="encoder address")
+    index.add_argument("--search", default="127.0.0.1:50052", help="search address")
+    index.add_argument("--cache-dir", default=".cache/retrieval/embeddings",
+                       help="embedding cache shared with evaluation runs")
+    add_settings_arguments(index, ClientSettings)
+    index.set_defaults(func=_index)
+
+    up = commands.add_parser("up", help="start encoder, search, evaluator and the web gateway locally until Ctrl-C")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--models", type=_comma_list, default=["efficientnet-lite0"], help="encoder models to preload")
     up.add_argument("--data-dir", default=".cache/retrieval/qdrant", help="Qdrant Edge directory")
@@ -441,8 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tls-cert-file", help="serve TLS with this PEM certificate (with --tls-key-file)")
     up.add_argument("--tls-key-file", help="PEM key of --tls-cert-file")
     up.add_argument("--tls-ca-file", help="PEM CA that signed --tls-cert-file (the evaluator verifies with it)")
+    up.add_argument("--web-port", type=int, default=8080, help="the web gateway's HTTP port (search page)")
     up.add_argument("--free-ports", action="store_true",
-                    help="pick free ports instead of 50051-50053 (gRPC) and 9101-9103 (metrics)")
+                    help="pick free ports instead of 50051-50053 (gRPC), 9101-9103 (metrics) and 8080 (web)")
     up.set_defaults(func=_up)
 
     demo = commands.add_parser("demo", help="benchmark encoders end to end through a fresh local stack")
@@ -455,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="reports/demo")
     demo.add_argument("--work-dir", default=".cache/retrieval/demo", help="stack data, logs, embedding cache")
     demo.add_argument("--no-tsne", action="store_true")
+    demo.add_argument("--serve", action="store_true",
+                      help="keep the stack and the search page up after the benchmark, until Ctrl-C")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -1,7 +1,8 @@
-"""The local stack: encoder, search and evaluator as separate processes on the embedded defaults.
+"""The local stack: encoder, search and evaluator as separate processes on the embedded defaults, and
+the web gateway (the search page) in front of them.
 
 Used by ``retrieval up`` (runs until Ctrl-C / SIGTERM) and by ``retrieval demo`` (the README's job).
-Each service logs to its own file; a service that dies during start-up is reported with its log.
+Each process logs to its own file; one that dies during start-up is reported with its log.
 """
 
 from __future__ import annotations
@@ -9,15 +10,19 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.clients import ClientTLS, channel, wait_serving
 
 SERVICES = ("encoder", "search", "evaluator")
+WEB = "web"  # the HTTP gateway: a process of the stack, not a gRPC service
 HEALTH_NAMES = {"encoder": "retrieval.v1.EncoderService", "search": "retrieval.v1.SearchService",
                 "evaluator": "retrieval.v1.EvaluatorService"}
 
@@ -44,6 +49,8 @@ class StackConfig:
         tls_cert_file, tls_key_file: when set, every service serves TLS with them.
         tls_ca_file: the CA that signed that certificate (the evaluator and the stack verify with it).
         adapters_dir: the encoder's adapters directory (models ``<base>+<name>``), when set.
+        web: whether to start the web gateway (the search page) too; web_port is its HTTP port. It
+            serves images of the datasets under allowed_roots and the reports in output_dir.
     """
 
     host: str = "127.0.0.1"
@@ -61,16 +68,29 @@ class StackConfig:
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
     adapters_dir: Path | None = None
+    web: bool = True
+    web_port: int = 8080
 
     @classmethod
     def on_free_ports(cls, **kwargs: object) -> StackConfig:
         config = cls(**kwargs)  # type: ignore[arg-type]
         config.ports = {s: free_port(config.host) for s in SERVICES}
         config.metrics_ports = {s: free_port(config.host) for s in SERVICES}
+        config.web_port = free_port(config.host)
         return config
 
     def address(self, service: str) -> str:
         return f"{self.host}:{self.ports[service]}"
+
+    @property
+    def web_url(self) -> str:
+        """The search page's address."""
+        return f"{'https' if self.tls_cert_file else 'http'}://{self.host}:{self.web_port}/"
+
+    @property
+    def processes(self) -> tuple[str, ...]:
+        """What the stack starts, in order."""
+        return (*SERVICES, WEB) if self.web else SERVICES
 
     @property
     def client_tls(self) -> ClientTLS | None:
@@ -81,13 +101,28 @@ class StackConfig:
 
 
 class Stack:
-    """Starts the three services as child processes and stops them cleanly."""
+    """Starts the three services (and the web gateway) as child processes and stops them cleanly."""
 
     def __init__(self, config: StackConfig) -> None:
         self.config = config
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
+    def _web_command(self) -> list[str]:
+        c = self.config
+        cmd = [sys.executable, "-m", "services.cli", "web", "serve", "--host", c.host, "--port", str(c.web_port),
+               "--encoder-address", c.address("encoder"), "--search-address", c.address("search"),
+               "--evaluator-address", c.address("evaluator"), "--reports-dir", str(c.output_dir),
+               "--allowed-roots", ",".join(str(r) for r in c.allowed_roots)]
+        if c.auth_token:
+            cmd += ["--auth-token", c.auth_token]
+        if c.tls_cert_file and c.tls_key_file:
+            cmd += ["--service-tls-ca-file", str(c.tls_ca_file or c.tls_cert_file),
+                    "--tls-cert-file", str(c.tls_cert_file), "--tls-key-file", str(c.tls_key_file)]
+        return cmd
+
     def _command(self, service: str) -> list[str]:
+        if service == WEB:
+            return self._web_command()
         c = self.config
         cmd = [sys.executable, "-m", "services.cli", service, "serve", "--host", c.host,
                "--port", str(c.ports[service]), "--metrics-port", str(c.metrics_ports[service])]
@@ -121,7 +156,7 @@ class Stack:
         """
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        for service in SERVICES:
+        for service in self.config.processes:
             log = (self.config.log_dir / f"{service}.log").open("wb")
             self.processes[service] = subprocess.Popen(self._command(service), stdout=log, stderr=subprocess.STDOUT,
                                                        env=env, start_new_session=True)
@@ -137,6 +172,26 @@ class Stack:
                         if time.monotonic() > deadline:
                             raise TimeoutError(f"{service} not SERVING after {timeout:.0f} s; see "
                                                f"{self.config.log_dir / (service + '.log')}") from None
+        if self.config.web:
+            self._wait_web(deadline)
+
+    def _wait_web(self, deadline: float) -> None:
+        """Waits until the gateway serves its page."""
+        c = self.config
+        context = None
+        if c.tls_cert_file:
+            context = ssl.create_default_context(cafile=str(c.tls_ca_file or c.tls_cert_file))
+        while True:
+            self._check_alive(WEB)
+            try:
+                with urllib.request.urlopen(c.web_url, timeout=2.0, context=context) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the web gateway did not answer at {c.web_url}; see {c.log_dir / 'web.log'}")
+            time.sleep(0.2)
 
     def _check_alive(self, service: str) -> None:
         proc = self.processes[service]

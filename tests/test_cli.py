@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,12 @@ def test_demo_benchmarks_digits_through_the_stack(tmp_path: Path) -> None:
     assert abs(report["metrics"]["map"] - float(row.group(1))) < 1e-4
     assert report["dataset"]["n_classes"] == 10 and report["index"]["recall_at_k"]["1"] == 1.0
     assert (tmp_path / "reports" / "summary.html").is_file()
+    # The demo leaves a collection to search on the page (the run's own collections are dropped).
+    assert re.search(r"search page: http://\S+/\?c=digits__efficientnet-lite0 \(1797 images", done.stdout)
 
 
 @pytest.mark.slow
-def test_up_starts_three_services_and_stops_on_sigterm(tmp_path: Path) -> None:
+def test_up_starts_three_services_and_the_gateway_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen([*CLI, "up", "--free-ports", "--data-dir", str(tmp_path / "q"), "--log-dir",
                              str(tmp_path / "logs"), "--output", str(tmp_path / "r")],
                             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -56,10 +59,14 @@ def test_up_starts_three_services_and_stops_on_sigterm(tmp_path: Path) -> None:
         for address in addresses.values():
             with channel(address) as chan:
                 wait_serving(chan, timeout=10)
+        web = re.search(r"^\s+web\s+(http://\S+)", "".join(lines), flags=re.M)
+        assert web, "".join(lines)
+        with urllib.request.urlopen(web.group(1) + "api/health", timeout=30) as health:
+            assert all(s["serving"] for s in json.loads(health.read())["services"])
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
-        assert "encoder exit 0, search exit 0, evaluator exit 0" in out
+        assert "encoder exit 0, search exit 0, evaluator exit 0, web exit 0" in out
     finally:
         proc.kill()
 

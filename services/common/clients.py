@@ -720,11 +720,11 @@ class SearchClient(_Client):
         return _hits(self._call(lambda: self.stub.Search(request, timeout=self.endpoint.timeout)))
 
     def search_by_id(self, collection: str, pid: str, limit: int, filter: SearchFilter | None = None,
-                     exact: bool = False, with_payload: bool = True) -> list[Hit]:
+                     exact: bool = False, with_payload: bool = True, with_vector: bool = False) -> list[Hit]:
         """The ``limit`` nearest points to stored point ``pid``'s own vector, itself excluded."""
         request = search_pb2.SearchByIdRequest(collection=collection, id=pid, limit=limit,
                                                filter=filter.message() if filter else None, exact=exact,
-                                               with_payload=with_payload)
+                                               with_payload=with_payload, with_vector=with_vector)
         return _hits(self._call(lambda: self.stub.SearchById(request, timeout=self.endpoint.timeout)))
 
     def search_batch(self, collection: str, limit: int, vectors: np.ndarray | None = None,

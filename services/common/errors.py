@@ -97,10 +97,28 @@ def rpc_code_value(code: grpc.StatusCode) -> int:
     return value
 
 
+# Longest status message sent, in UTF-8 bytes. gRPC carries it in a header (percent-encoded, up to 3x)
+# and again in grpc-status-details-bin (base64); clients drop headers past 8-16 KiB, and with them the
+# whole answer ("received metadata size exceeds hard limit"), so an echoed 100 KB name would hide it.
+MAX_STATUS_MESSAGE_BYTES = 1024
+
+
+def bounded_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """``message`` if its UTF-8 form fits in ``limit`` bytes, else its beginning and its end (which say
+    what was wrong and why) around a note of how much was left out."""
+    data = message.encode()
+    if len(data) <= limit:
+        return message
+    half = (limit - 48) // 2
+    head, tail = data[:half].decode(errors="ignore"), data[-half:].decode(errors="ignore")
+    return f"{head}...[{len(message) - len(head) - len(tail)} characters left out]...{tail}"
+
+
 def rich_status(code: grpc.StatusCode, message: str, retry_after: float | None = None) -> grpc.Status:
     """A status for ``context.abort_with_status``, with a ``google.rpc.RetryInfo`` detail when
     ``retry_after`` (seconds) is given: the hint that tells a client this refusal is load shedding
-    and when to try again."""
+    and when to try again. The message is bounded (``bounded_message``)."""
+    message = bounded_message(message)
     details = []
     if retry_after is not None:
         delay = duration_pb2.Duration()

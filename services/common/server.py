@@ -51,7 +51,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from services.common.errors import InvalidArgument, ServiceError, rich_status
+from services.common.errors import InvalidArgument, ServiceError, bounded_message, rich_status
 from services.common.metrics import GrpcServerMetrics, MetricsEndpoint, rpc_type, start_metrics_endpoint
 from services.common.settings import ServerSettings
 
@@ -450,8 +450,18 @@ class _ErrorsInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
+        tolerant = _tolerant(handler.request_deserializer)
         if getattr(_behavior(handler), "experimental_non_blocking", False):
-            return handler  # health Watch: grpcio's own servicer, answering through a callback
+            # Health Watch: grpcio's own servicer, answering through a callback; only its request is ours.
+            def non_blocking(inner: Behavior) -> Behavior:
+                def call(request: Any, context: grpc.ServicerContext, send: Callable[[Any], None]) -> Any:
+                    if isinstance(request, _Undecodable):
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is {request.reason}")
+                    return inner(request, context, send)
+
+                return call
+
+            return _rewrap(handler, non_blocking, request_deserializer=tolerant)
 
         def checked(requests: Iterator[Any]) -> Iterator[Any]:
             for index, request in enumerate(requests):
@@ -483,7 +493,7 @@ class _ErrorsInterceptor(grpc.ServerInterceptor):
             except BaseException as exc:
                 _fail(exc, context)
 
-        return _rewrap(handler, wrap, request_deserializer=_tolerant(handler.request_deserializer))
+        return _rewrap(handler, wrap, request_deserializer=tolerant)
 
 
 def _fail(exc: BaseException, context: grpc.ServicerContext) -> None:
@@ -504,7 +514,7 @@ def _fail(exc: BaseException, context: grpc.ServicerContext) -> None:
     if isinstance(exc, grpc.RpcError):
         raise exc  # the request stream broke under the handler; grpcio ends the call
     log.error("unhandled error in RPC", exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    context.abort(grpc.StatusCode.INTERNAL, bounded_message(f"internal error: {type(exc).__name__}: {exc}"))
 
 
 # -- the factory ------------------------------------------------------------------------------------

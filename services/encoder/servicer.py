@@ -135,7 +135,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         reader.start()
         try:
             while True:
-                entry = pending.get()
+                try:
+                    entry = pending.get(timeout=0.2)
+                except queue.Empty:
+                    # A reader that saw the caller go away ends without a last entry: so does this.
+                    if stop.is_set() and not reader.is_alive() and pending.empty():
+                        return
+                    continue
                 if entry is None:
                     return
                 if isinstance(entry, BaseException):

@@ -34,6 +34,8 @@ class EvaluatorSettings(ServerSettings):
     trec_depth: int = Field(
         100, gt=0, description="ranking depth of the TREC run file exported with every report (a depth that "
                                "covers the catalogue lets trec_eval or ranx recompute the full-ranking mAP)")
+    max_queued_runs: int = Field(
+        100, gt=0, description="runs queued or running at once; beyond it StartRun is RESOURCE_EXHAUSTED")
     max_runs_kept: int = Field(
         1000, gt=0, description="finished runs remembered (ListRuns, GetRun); the oldest are forgotten first")
     state_dir: Path = Field(

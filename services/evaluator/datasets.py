@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.errors import InvalidArgument, NotFound
+from services.common.paths import resolve_allowed
 
 LIST_FILE = "list_of_images.txt"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -117,26 +118,6 @@ class CheckedDataset:
     def n_excluded(self) -> int:
         """How many listed images were excluded."""
         return len(self.unreadable)
-
-
-def resolve_allowed(path: str | os.PathLike[str], allowed_roots: Sequence[str | os.PathLike[str]]) -> Path:
-    """Resolves ``path`` (symlinks included) and checks that it lies inside one of ``allowed_roots``.
-
-    Raises:
-        InvalidArgument: no allowed roots, or the path resolves outside all of them.
-        NotFound: the path does not exist.
-    """
-    if not allowed_roots:
-        raise InvalidArgument("no allowed dataset roots are configured")
-    candidate = Path(path)
-    resolved = candidate.resolve()
-    # Outside the roots is refused before existence is checked: no probing of other paths.
-    if not any(resolved.is_relative_to(Path(root).resolve()) for root in allowed_roots):
-        raise InvalidArgument(f"dataset path {str(candidate)!r} is outside the allowed roots "
-                              f"({', '.join(str(r) for r in allowed_roots)})")
-    if not resolved.exists():
-        raise NotFound(f"dataset path {str(candidate)!r} does not exist")
-    return resolved
 
 
 def _relative(raw: str, where: str) -> str:

@@ -25,7 +25,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from services.common.errors import (
+    Cancelled,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+)
 from services.common.files import atomic_write_text
 from services.evaluator.runner import Runner
 from services.evaluator.spec import ModelResult, RunSpec
@@ -36,6 +43,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_TOKEN_CHARS = 256  # the tokens this server gives are about 60 characters
 
 
 @dataclass(frozen=True)
@@ -100,10 +108,11 @@ class RunManager:
         metrics: where run counts and durations go.
         state_dir: where run records persist (None: memory only, for tests).
         max_runs_kept: finished runs remembered; the oldest are forgotten first.
+        max_queued: runs queued or running at once; beyond it ``start`` refuses (with a retry hint).
     """
 
     def __init__(self, runner: Callable[[], Runner], max_concurrent: int, metrics: EvaluatorMetrics,
-                 state_dir: Path | None = None, max_runs_kept: int = 1000) -> None:
+                 state_dir: Path | None = None, max_runs_kept: int = 1000, max_queued: int = 100) -> None:
         self._runner = runner
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="run")
         self._runs: dict[str, RunRecord] = {}
@@ -112,6 +121,7 @@ class RunManager:
         self._metrics = metrics
         self._state_dir = state_dir
         self._max_kept = max_runs_kept
+        self._max_queued = max_queued
         if state_dir is not None:
             self._recover(state_dir)
 
@@ -166,6 +176,11 @@ class RunManager:
         run_id = uuid.uuid4().hex[:12]
         record = RunRecord(id=run_id, spec=spec)
         with self._changed:
+            waiting = sum(r.state not in TERMINAL for r in self._runs.values())
+            if waiting >= self._max_queued:
+                raise ResourceExhausted(f"{waiting} runs are queued or running, the limit is {self._max_queued} "
+                                        "(EVALUATOR_MAX_QUEUED_RUNS); retry when some have finished",
+                                        retry_after=30.0)
             self._runs[run_id] = record
             self._cancel[run_id] = threading.Event()
             self._persist(record)
@@ -223,9 +238,11 @@ class RunManager:
         after: tuple[float, str] | None = None
         if page_token:
             try:
+                if len(page_token) > MAX_PAGE_TOKEN_CHARS:
+                    raise ValueError("too long")
                 created, run_id = json.loads(base64.urlsafe_b64decode(page_token.encode()))
                 after = (float(created), str(run_id))
-            except (ValueError, TypeError, binascii.Error):
+            except (ValueError, TypeError, binascii.Error, RecursionError):
                 raise InvalidArgument("page_token is not one this server gave (take next_page_token "
                                       "from the previous response)") from None
         with self._changed:

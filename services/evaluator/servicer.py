@@ -135,7 +135,8 @@ def create_evaluator_server(settings: EvaluatorSettings) -> tuple[RunningServer,
     """Starts the evaluator server (SERVING at once: it checks the other services when a run starts)."""
     registry = CollectorRegistry()
     manager = RunManager(lambda: make_runner(settings), settings.max_concurrent_runs, EvaluatorMetrics(registry),
-                         state_dir=settings.state_dir, max_runs_kept=settings.max_runs_kept)
+                         state_dir=settings.state_dir, max_runs_kept=settings.max_runs_kept,
+                         max_queued=settings.max_queued_runs)
     servicer = EvaluatorServicer(manager, settings)
     running = create_server(settings, [ServiceRegistration(
         SERVICE, lambda srv: evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server(servicer, srv))],

@@ -12,6 +12,7 @@ from services.evaluator.protocols import protocol_named
 LEAVE_ONE_OUT = "leave_one_out"
 CATALOGUE_QUERY = "catalogue_query"
 MAX_K = 1000  # deepest cut-off: the top-k of every query comes back through the search service
+MAX_MODELS = 32  # models in one run spec (each is a full evaluation)
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -47,6 +48,8 @@ class RunSpec:
             raise InvalidArgument("run spec: dataset is empty")
         if not self.models:
             raise InvalidArgument("run spec: no models")
+        if len(self.models) > MAX_MODELS:
+            raise InvalidArgument(f"run spec: {len(self.models)} models; at most {MAX_MODELS} per run")
         protocol_named(self.protocol).check(self.catalogue, self.queries)
         if not self.ks or min(self.ks) < 1 or max(self.ks) > MAX_K:
             raise InvalidArgument(f"run spec: ks must be integers from 1 to {MAX_K}, got {list(self.ks)}")

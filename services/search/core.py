@@ -80,7 +80,8 @@ def check_vector(vector: np.ndarray, meta: CollectionMeta, where: str) -> np.nda
     if not finite.all():
         index = int(np.argmin(finite))
         raise InvalidArgument(f"{where}: vector has a non-finite value ({vec[index]}) at index {index}")
-    norm = float(np.linalg.norm(vec))
+    with np.errstate(over="ignore"):  # an overflowing norm is refused below, not warned about
+        norm = float(np.linalg.norm(vec))
     if norm == 0.0:
         raise InvalidArgument(f"{where}: vector is all zeros (cosine similarity is undefined for it)")
     if not np.isfinite(norm):

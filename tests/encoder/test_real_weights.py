@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from skimage import data as samples
 
-from services.common.errors import InvalidArgument
+from services.common.errors import DataLoss
 from services.encoder.config import EncoderSettings
 from services.encoder.core import EncoderCore
 from services.encoder.families import LoadContext, WeightsMissing, load_family_model, sha256_file
@@ -56,7 +56,7 @@ def test_weights_are_loaded_strictly_and_checked(tmp_path: Path) -> None:
     assert sha256_file(good) == spec.sha256
     # A file under <weights_dir>/<id>.pth wins, and its checksum is verified.
     (tmp_path / "efficientnet-lite0.pth").write_bytes(good.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(InvalidArgument, match="SHA-256"):
+    with pytest.raises(DataLoss, match="SHA-256"):
         build(spec, LoadContext(weights_dir=tmp_path))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.evaluator.runs import CANCELLED, FAILED, SUCCEEDED, EvaluatorMetrics, RunManager
 from services.evaluator.spec import ModelResult, RunSpec
 
@@ -133,3 +133,18 @@ def test_a_restarted_evaluator_reports_interrupted_runs_failed(tmp_path: Path) -
     gate.set()
     before.close()
     after.close()
+
+
+def test_queued_runs_and_models_per_run_are_bounded() -> None:
+    gate = threading.Event()
+    manager = RunManager(lambda: FakeRunner(gate), 1, EvaluatorMetrics(CollectorRegistry()),  # type: ignore
+                         max_queued=3)
+    for _ in range(3):
+        manager.start(SPEC)
+    with pytest.raises(ResourceExhausted, match="3 runs are queued or running, the limit is 3") as err:
+        manager.start(SPEC)
+    assert err.value.retry_after == 30.0
+    with pytest.raises(InvalidArgument, match="33 models; at most 32 per run"):
+        RunSpec(dataset="/d", models=tuple(f"m{i}" for i in range(33))).validate()
+    gate.set()
+    manager.close()

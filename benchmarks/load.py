@@ -7,7 +7,8 @@
 - At the same time an unauthenticated client holds 64 idle streams open (health Watch streams on
   the encoder and the search service: the only streams a caller without a token may open) and
   keeps trying to open StreamEmbedImages and Upsert streams without a token (refused at once).
-- A prober checks every service's health every 100 ms.
+- A prober checks every service's health every 100 ms. The clients run niced (they stand for other
+  machines); the services and the prober do not.
 
 Expected outcomes: OK, or RESOURCE_EXHAUSTED carrying a google.rpc.RetryInfo (designed load
 shedding: the client waits as told and retries); the unauthenticated client's refusals are
@@ -51,6 +52,10 @@ from services.stack import HEALTH_NAMES, Stack, StackConfig  # noqa: E402
 
 DATASET = Path(os.environ.get("RETRIEVAL_SHARED_DIR", ROOT.parent / "shared")) / "datasets" / "caltech101"
 COLLECTION = "load__efficientnet-lite0"
+# The clients run niced on the services' own two cores: in production they are other machines, and
+# at equal priority their 64 busy threads would take the CPU the services answer with. The services,
+# and the health prober (kubelet's stand-in), keep the normal priority.
+NICE_CLIENTS = 10
 
 
 def log(message: str) -> None:
@@ -190,6 +195,7 @@ def peak_rss_mb(pid: int) -> float:
 def load_worker(clients: list[int], addresses: dict[str, str], token: str, images: list[bytes],
                 vectors: np.ndarray, ids: list[str], seconds: float, out: Queue[object]) -> None:
     """One process of client threads (several processes, so the clients' own GIL is not the bottleneck)."""
+    os.nice(NICE_CLIENTS)
     tally, stop = Tally(), threading.Event()
     threads = []
     for k in clients:
@@ -213,6 +219,7 @@ def load_worker(clients: list[int], addresses: dict[str, str], token: str, image
 
 
 def hostile_worker(addresses: dict[str, str], streams: int, seconds: float, out: Queue[object]) -> None:
+    os.nice(NICE_CLIENTS)
     tally, stop = Tally(), threading.Event()
     opened = hostile_client(addresses, streams, tally, stop)
     time.sleep(seconds)

@@ -9,8 +9,11 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServerSettings
+from services.search.edge_store import SCAN_COMPONENTS_PER_CALL
 
 MIB = 1024 * 1024
+EDGE_GRPC_WORKERS = 8
+SERVER_GRPC_WORKERS = 64
 
 
 class SearchSettings(ServerSettings):
@@ -21,6 +24,10 @@ class SearchSettings(ServerSettings):
     port: int = Field(50052, ge=0, le=65535, description="gRPC port (0: pick a free one)")
     metrics_port: int = Field(9102, ge=-1, le=65535,
                               description="Prometheus metrics port (0: pick a free one, -1: off)")
+    grpc_workers: int = Field(
+        0, ge=0, description="threads running unary RPCs (0: 8 for the edge backend, 64 for the server backend). "
+                             "Edge queries are CPU work in this process, so threads beyond a few only queue on "
+                             "the GIL and slow health checks; a Qdrant server's calls wait on the network")
     backend: Literal["edge", "server"] = Field(
         "edge", description="'edge': Qdrant Edge in-process on --data-dir; 'server': a Qdrant server at --url")
     data_dir: Path = Field(Path("data/search"), description="edge backend: directory of the collections")
@@ -53,6 +60,11 @@ class SearchSettings(ServerSettings):
     index_idle_seconds: float = Field(
         2.0, ge=0, description="edge backend: build the HNSW index once a collection had no writes for this long")
     search_threads: int = Field(0, ge=0, description="edge backend: search threads per collection (0: per CPU)")
+    scan_components_per_call: int = Field(
+        SCAN_COMPONENTS_PER_CALL, gt=0,
+        description="edge backend: vector components (points x dim per scanning query) one engine call may scan; "
+                    "a larger SearchBatch is split, because the engine holds the GIL for a whole call and "
+                    "health checks wait for it (lower: steadier latency; higher: a little more throughput)")
     sync_writes: bool = Field(
         True, description="fsync the write-ahead log before acknowledging an upsert (survives power loss, not "
                           "only a process crash); edge backend")
@@ -65,6 +77,15 @@ class SearchSettings(ServerSettings):
     max_collections: int = Field(
         256, gt=0, description="collections this server holds (each costs memory and threads even when empty)")
     max_delete_ids: int = Field(100_000, gt=0, description="ids in one Delete request")
+
+    @model_validator(mode="after")
+    def _workers_for_backend(self) -> SearchSettings:
+        # Measured with benchmarks/load.py (64 clients, 2 cores): 8 threads instead of 64 on the edge
+        # backend gave the search health check a p50 of 23-25 ms instead of 35-38 ms and 10-15% more
+        # searches per second.
+        if self.grpc_workers == 0:
+            self.grpc_workers = EDGE_GRPC_WORKERS if self.backend == "edge" else SERVER_GRPC_WORKERS
+        return self
 
     @model_validator(mode="after")
     def _server_needs_url(self) -> SearchSettings:

@@ -160,6 +160,7 @@ def open_store(settings: SearchSettings, metrics: SearchMetrics | None = None) -
     built = metrics.index_build_seconds.observe if metrics is not None else None
     return EdgeStore(settings.data_dir, params, search_threads=settings.search_threads,
                      index_idle_seconds=settings.index_idle_seconds,
+                     scan_components_per_call=settings.scan_components_per_call,
                      on_index_built=(lambda _name, seconds: built(seconds)) if built else None)
 
 

@@ -82,3 +82,38 @@ def test_deleting_a_collection_removes_its_directory(tmp_path: Path) -> None:
     core.create_collection("a", 8)  # the name is free again, with another dim
     assert core.count("a") == 0
     core.close()
+
+
+class _CountingShard:
+    """Delegates to an Edge shard and records the size of each query_batch call."""
+
+    def __init__(self, shard: object) -> None:
+        self._shard = shard
+        self.batch_sizes: list[int] = []
+
+    def query_batch(self, request: object) -> object:
+        result = self._shard.query_batch(request)  # type: ignore[attr-defined]
+        self.batch_sizes.append(len(result))
+        return result
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._shard, name)
+
+
+def test_a_large_batch_reaches_edge_in_slices_bounded_by_scan_cost(tmp_path: Path) -> None:
+    # Edge holds the GIL for a whole query call, so a batch of 256 exact queries once stalled every
+    # other RPC of the service (health checks included) for its whole duration: it went to Edge as
+    # one call. Now each call scans at most scan_components_per_call components (points x dim).
+    vectors, labels = clustered(300, 16, seed=3)
+    store = EdgeStore(tmp_path, index_idle_seconds=None, scan_components_per_call=300 * 16 * 10)
+    core = SearchCore(SearchSettings(), store)
+    core.create_collection("ds__m", 16)
+    core.upsert("ds__m", make_points(vectors, labels))
+    queries = [Query(vectors[i], 7, exact=True) for i in range(35)]
+    one_by_one = [core.search("ds__m", q) for q in queries]
+    spy = _CountingShard(store._collections["ds__m"].shard)
+    store._collections["ds__m"].shard = spy  # type: ignore[assignment]
+    assert core.search_batch([("ds__m", q) for q in queries]) == one_by_one
+    assert spy.batch_sizes == [10, 10, 10, 5]
+    store._collections["ds__m"].shard = spy._shard  # type: ignore[assignment]
+    core.close()

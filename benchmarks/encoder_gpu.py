@@ -90,7 +90,7 @@ class Pipeline:
                                [self.crop, self.crop]) for img in decoded]
         with torch.inference_mode():
             x = (torch.stack(crops).float() - self.mean) / self.std
-            features = self.runtime.backend.embed_images(x).float()
+            features = self.runtime.forward(x).float()
             vectors = torch.nn.functional.normalize(features, dim=1).cpu().numpy()
         return list(vectors)
 
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="vit_b32 and/or lite0")
     parser.add_argument("--onnx-cache-dir", default=str(ROOT / ".cache" / "retrieval" / "onnx"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-buckets", action="store_true",
+                        help="run every batch at its own size (no padding to warmed-up sizes): the old behaviour")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, float32, tiny ViT, 2 and 4 streams, 1 s: checks the script, measures nothing")
     args = parser.parse_args(argv)
@@ -209,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
                 steps = "load, ONNX export or cache, parity check" if backend == "onnxruntime" else "load"
                 print(f"{what} {runtime.backend.provider}: ready in {time.perf_counter() - start:.1f} s "
                       f"({steps}, warm-up)", flush=True)
+                if args.no_buckets:
+                    runtime.buckets = []
                 pipeline = Pipeline(runtime, device)
                 for streams in stream_counts:
                     img_s, mean_batch = measure(pipeline, jpegs, streams, args.seconds, args.max_batch, args.delay_ms)

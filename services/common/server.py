@@ -26,13 +26,15 @@ unary                     ``unary`` (``grpc_workers``)              ``max_concur
 Load-shedding refusals are RESOURCE_EXHAUSTED with a ``google.rpc.RetryInfo`` detail (the retry
 hint); the services' own "queue full" errors carry it too.
 
-Interceptors, outermost first, one concern each over the shared ``_rewrap`` helper: metrics (the
+Interceptors, outermost first, one concern each over the shared ``_rewrap`` helper: watch sends
+(health ``Watch`` updates written from a thread of their own, see ``_WatchSendInterceptor``), metrics (the
 go-grpc-prometheus series), auth, admission (pool and limits), errors (domain errors to status
 codes, undecodable requests to INVALID_ARGUMENT, a caller that went away to CANCELLED).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import signal
@@ -113,6 +115,7 @@ class _Pools:
     open_streams: CountingExecutor
     probe: futures.ThreadPoolExecutor
     reject: futures.ThreadPoolExecutor
+    watch_send: futures.ThreadPoolExecutor
 
     @classmethod
     def for_settings(cls, settings: ServerSettings) -> _Pools:
@@ -120,10 +123,11 @@ class _Pools:
                    streams=CountingExecutor(settings.max_concurrent_streams, "grpc-stream"),
                    open_streams=CountingExecutor(_OPEN_STREAM_THREADS, "grpc-open-stream"),
                    probe=futures.ThreadPoolExecutor(2, thread_name_prefix="grpc-probe"),
-                   reject=futures.ThreadPoolExecutor(2, thread_name_prefix="grpc-reject"))
+                   reject=futures.ThreadPoolExecutor(2, thread_name_prefix="grpc-reject"),
+                   watch_send=futures.ThreadPoolExecutor(1, thread_name_prefix="grpc-watch-send"))
 
     def shutdown(self) -> None:
-        for pool in (self.unary, self.streams, self.open_streams, self.probe, self.reject):
+        for pool in (self.unary, self.streams, self.open_streams, self.probe, self.reject, self.watch_send):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -260,6 +264,47 @@ def _split_method(full_method: str) -> tuple[str, str]:
 
 
 # -- interceptors, outermost first ----------------------------------------------------------------
+
+class _WatchSendInterceptor(grpc.ServerInterceptor):
+    """Non-blocking handlers' sends (health ``Watch``) happen on one thread of their own, in order.
+
+    grpcio's send for a non-blocking handler blocks until grpcio's polling thread has completed the
+    write, and grpcio_health's ``HealthServicer.set`` sends to every watcher while holding its lock.
+    When a watcher goes away meanwhile, the polling thread runs the servicer's close callback, which
+    waits for that same lock: the polling thread and ``set`` wait for each other, and the server
+    hangs for good (seen in CI at shutdown; one round of 40 watches cancelled during status changes
+    reproduced it). Handing each send to this thread makes ``set`` return at once; one thread keeps
+    every watcher's updates in the order they were set.
+    """
+
+    def __init__(self, sender: futures.ThreadPoolExecutor) -> None:
+        self._sender = sender
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or not getattr(_behavior(handler), "experimental_non_blocking", False):
+            return handler
+        sender = self._sender
+
+        def wrap(inner: Behavior) -> Behavior:
+            def non_blocking(request: Any, context: grpc.ServicerContext, send: Callable[[Any], None]) -> Any:
+                def send_later(response: Any) -> None:
+                    with contextlib.suppress(RuntimeError):  # the server is stopping: nobody to tell
+                        sender.submit(_send_quietly, send, response)
+
+                return inner(request, context, send_later)
+
+            return non_blocking
+
+        return _rewrap(handler, wrap)
+
+
+def _send_quietly(send: Callable[[Any], None], response: Any) -> None:
+    try:
+        send(response)
+    except Exception:  # a watcher that went away: its call is over, nothing to report
+        log.debug("a health watch send failed", exc_info=True)
+
 
 class _MetricsInterceptor(grpc.ServerInterceptor):
     """The go-grpc-prometheus series: started, handled by code, handling time, stream messages."""
@@ -597,7 +642,8 @@ def create_server(
             options.append(("grpc.max_connection_age_grace_ms",
                             int(settings.max_connection_age_grace_seconds * 1000)))
     pools = _Pools.for_settings(settings)
-    interceptors: list[grpc.ServerInterceptor] = [_MetricsInterceptor(metrics)]
+    interceptors: list[grpc.ServerInterceptor] = [_WatchSendInterceptor(pools.watch_send),
+                                                   _MetricsInterceptor(metrics)]
     if settings.auth_token:
         interceptors.append(_AuthInterceptor(settings.auth_token, pools.reject))
     interceptors += [_AdmissionInterceptor(settings, pools), _ErrorsInterceptor()]

@@ -18,7 +18,7 @@ from retrieval.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.errors import retry_after_of
 from services.common.server import RETRY_AFTER_SECONDS, RunningServer
 from services.common.settings import ServerSettings
-from tests.common.conftest import FakeEncoder
+from tests.common.conftest import FakeEncoder, serve_fake
 
 TOKEN = [("authorization", "Bearer s3cret")]
 
@@ -79,6 +79,35 @@ def test_health_watchers_hold_no_thread(fake_server: tuple[RunningServer, FakeEn
         finally:
             for watch in watches:
                 watch.cancel()
+
+
+def _flip(running: RunningServer, times: int) -> None:
+    for i in range(times):
+        running.set_serving(i % 2 == 0)
+
+
+def test_status_changes_while_watchers_leave_never_hang_the_server() -> None:
+    # grpcio_health sends to watchers under its lock and grpcio's send waited for the polling thread,
+    # which needed that lock for a leaving watcher's close callback: set_serving and stop hung for
+    # good (CI, at shutdown). Each round: 40 watchers leave while the status flips 200 times.
+    for _ in range(5):
+        served = serve_fake(ServerSettings(port=0, metrics_port=-1))
+        running, _, _ = next(served)
+        with grpc.insecure_channel(_address(running)) as chan:
+            health = health_pb2_grpc.HealthStub(chan)
+            watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(40)]
+            for watch in watches:
+                next(watch)
+            flips = threading.Thread(target=_flip, args=(running, 200), daemon=True)
+            flips.start()
+            for watch in watches:
+                watch.cancel()
+            flips.join(10)
+            assert not flips.is_alive(), "set_serving hung while watchers left"
+        stopping = threading.Thread(target=next, args=(served, None), daemon=True)  # the fixture's stop(0)
+        stopping.start()
+        stopping.join(10)
+        assert not stopping.is_alive(), "stop hung"
 
 
 def _occupy_unary_threads(stub: encoder_pb2_grpc.EncoderServiceStub, fake: FakeEncoder,

@@ -111,7 +111,8 @@ def test_text_queries_report_map_at_k_and_zero_shot_accuracy(clip_stack: tuple[P
     aps = [average_precision_score(truth == c, images @ queries[c]) for c in range(len(classes))]
     assert metrics["map"] == pytest.approx(np.mean(aps), abs=1e-5)
     accuracy = float(((images @ queries.T).argmax(1) == truth).mean())
-    assert metrics["zero_shot_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    # The report keeps six decimals: equal to within half of the last one.
+    assert metrics["zero_shot_accuracy"] == pytest.approx(accuracy, abs=5e-7)
     assert report["_headline"][f"{MODEL}/zero_shot_accuracy"] == pytest.approx(accuracy)  # type: ignore[index]
     assert report["per_query"]["ids"] == [f"text: {prompt_name(c)}" for c in classes]  # type: ignore[index]
 

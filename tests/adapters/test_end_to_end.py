@@ -10,20 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from retrieval.v1 import evaluator_pb2, evaluator_pb2_grpc
+from retrieval.v1 import evaluator_pb2
 
 from services.adapters.command import TrainRequest, train
 from services.adapters.search import SearchSettings
 from services.common.adapters import CARD_FILE, HEAD_FILE
-from services.common.clients import Endpoint, channel, wait_serving
+from services.common.clients import Endpoint
 from services.encoder.config import EncoderSettings
-from services.encoder.servicer import create_encoder_server
-from services.evaluator.config import EvaluatorSettings
 from services.evaluator.reports import aggregate
-from services.evaluator.servicer import create_evaluator_server
-from services.search.config import SearchSettings as SearchServiceSettings
-from services.search.servicer import create_search_server
-from tests.evaluator.conftest import write_dataset
+from tests.evaluator.conftest import start_stack, write_dataset
 
 pytestmark = pytest.mark.slow  # real weights, real images
 
@@ -48,27 +43,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
     work = tmp_path_factory.mktemp("adapters-e2e")
     dataset = write_dataset(work / "data", classes=4, per_class=12, seed=31)
     catalogue, queries = _split(dataset)
-    encoder, encoder_core = create_encoder_server(EncoderSettings(
-        port=0, metrics_port=-1, models=["efficientnet-lite0"], adapters_dir=work / "adapters", backend="torch"),
-        background=False)
-    search, search_core = create_search_server(SearchServiceSettings(port=0, metrics_port=-1, data_dir=work / "q"))
-    settings = EvaluatorSettings(port=0, metrics_port=-1, encoder_address=f"127.0.0.1:{encoder.port}",
-                                 search_address=f"127.0.0.1:{search.port}", allowed_roots=[dataset],
-                                 output_dir=work / "reports", cache_dir=work / "cache", state_dir=work / "runs")
-    running, manager = create_evaluator_server(settings)
-    chan = channel(f"127.0.0.1:{running.port}")
-    wait_serving(chan, timeout=60)
-    try:
+    encoder = EncoderSettings(port=0, metrics_port=-1, models=["efficientnet-lite0"], adapters_dir=work / "adapters",
+                              backend="torch")
+    for stack in start_stack(work, [dataset], encoder_settings=encoder):
         yield {"work": work, "dataset": dataset, "catalogue": catalogue, "queries": queries,
-               "encoder": f"127.0.0.1:{encoder.port}", "stub": evaluator_pb2_grpc.EvaluatorServiceStub(chan),
-               "settings": settings}
-    finally:
-        chan.close()
-        for server in (running, search, encoder):
-            server.stop(0)
-        manager.close()
-        search_core.close()
-        encoder_core.close()
+               "encoder": f"127.0.0.1:{stack.encoder.port}", "stub": stack.stub, "settings": stack.settings}
 
 
 def _request(world: dict[str, object], dataset: Path, out: Path) -> TrainRequest:

@@ -13,6 +13,7 @@ from retrieval.v1 import evaluator_pb2_grpc
 from services.common.clients import channel, wait_serving
 from services.common.server import RunningServer
 from services.encoder.config import EncoderSettings
+from services.encoder.registry import Registry
 from services.encoder.servicer import create_encoder_server
 from services.evaluator.config import EvaluatorSettings
 from services.evaluator.servicer import create_evaluator_server
@@ -52,8 +53,12 @@ class Stack:
     evaluator: RunningServer
 
 
-def start_stack(work: Path, allowed: list[Path], **evaluator: object) -> Iterator[Stack]:
-    encoder, encoder_core = create_encoder_server(EncoderSettings(port=0, metrics_port=-1), background=False)
+def start_stack(work: Path, allowed: list[Path], encoder_settings: EncoderSettings | None = None,
+                registry: Registry | None = None, **evaluator: object) -> Iterator[Stack]:
+    """The three services in this process on free ports (the encoder as ``encoder_settings`` say,
+    default: the real EfficientNet-Lite0), everything they write under ``work``; stopped after."""
+    encoder, encoder_core = create_encoder_server(encoder_settings or EncoderSettings(port=0, metrics_port=-1),
+                                                  registry=registry, background=False)
     search, search_core = create_search_server(SearchSettings(port=0, metrics_port=-1, data_dir=work / "qdrant"))
     settings = EvaluatorSettings(port=0, metrics_port=-1, encoder_address=f"127.0.0.1:{encoder.port}",
                                  search_address=f"127.0.0.1:{search.port}", allowed_roots=allowed,

@@ -10,19 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from retrieval.v1 import evaluator_pb2, evaluator_pb2_grpc
+from retrieval.v1 import evaluator_pb2
 from sklearn.metrics import average_precision_score
 
-from services.common.clients import EncoderClient, channel, wait_serving
+from services.common.clients import EncoderClient
 from services.encoder.config import EncoderSettings
 from services.encoder.registry import IMAGE, OPENAI_CLIP_STD, TEXT, ModelSpec, Preprocess, Registry
-from services.encoder.servicer import create_encoder_server
-from services.evaluator.config import EvaluatorSettings
 from services.evaluator.protocols import PROMPT_TEMPLATES, TEXT_KS, prompt_name
-from services.evaluator.servicer import create_evaluator_server
-from services.search.config import SearchSettings
-from services.search.servicer import create_search_server
-from tests.evaluator.conftest import write_dataset
+from tests.evaluator.conftest import start_stack, write_dataset
 
 pytestmark = pytest.mark.slow  # real Caltech-101 images
 
@@ -55,26 +50,10 @@ def clip_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     lines = [f"{first[c]}\tas a {prompt_name(classes[(i + 1) % len(classes)])}\t{classes[(i + 1) % len(classes)]}"
              for i, c in enumerate(classes)]
     (dataset / "composed_queries.txt").write_text("\n".join(lines) + "\n")
-    encoder, encoder_core = create_encoder_server(
-        EncoderSettings(port=0, metrics_port=-1, models=[MODEL], default_model=MODEL, random_weights=True,
-                        backend="torch"), registry=registry, background=False)
-    search, search_core = create_search_server(SearchSettings(port=0, metrics_port=-1, data_dir=work / "qdrant"))
-    settings = EvaluatorSettings(port=0, metrics_port=-1, encoder_address=f"127.0.0.1:{encoder.port}",
-                                 search_address=f"127.0.0.1:{search.port}", allowed_roots=[dataset],
-                                 output_dir=work / "reports", cache_dir=work / "cache", state_dir=work / "runs")
-    running, manager = create_evaluator_server(settings)
-    chan = channel(f"127.0.0.1:{running.port}")
-    wait_serving(chan, timeout=60)
-    try:
-        yield dataset, f"127.0.0.1:{encoder.port}", evaluator_pb2_grpc.EvaluatorServiceStub(chan), \
-            str(settings.output_dir)
-    finally:
-        chan.close()
-        for server in (running, search, encoder):
-            server.stop(0)
-        manager.close()
-        search_core.close()
-        encoder_core.close()
+    encoder = EncoderSettings(port=0, metrics_port=-1, models=[MODEL], default_model=MODEL, random_weights=True,
+                              backend="torch")
+    for stack in start_stack(work, [dataset], encoder_settings=encoder, registry=registry):
+        yield dataset, f"127.0.0.1:{stack.encoder.port}", stack.stub, str(stack.settings.output_dir)
 
 
 def _run(stub: object, **spec: object) -> dict[str, object]:

@@ -60,6 +60,14 @@ class ServerSettings(BaseSettings):
     log_level: str = Field("INFO", description="logging level")
 
 
+def comma_separated(value: object) -> object:
+    """A ``"a, b,c"`` string (an environment variable or a flag) as ``["a", "b", "c"]``; anything else
+    as given. For list settings, in a ``field_validator(..., mode="before")``."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -88,7 +96,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_cls: type[B
                                 default=None, help=help_text)
         elif typing.get_origin(annotation) in (list, tuple):
             parser.add_argument(_flag(name), dest=name, default=None, metavar="A,B",
-                                type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                                type=comma_separated,
                                 help=help_text)
         else:
             parser.add_argument(_flag(name), dest=name, default=None, help=help_text)

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from services.common.settings import ServerSettings
+from services.common.settings import ServerSettings, comma_separated
 from services.encoder.registry import DEFAULT_MODEL
 
 
@@ -78,9 +78,7 @@ class EncoderSettings(ServerSettings):
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [m.strip() for m in value.split(",") if m.strip()]
-        return value
+        return comma_separated(value)
 
     def effective_max_batch_size(self, device_type: str) -> int:
         """``max_batch_size``, or for 0 the measured sweet spot of the device type.

@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from services.common.settings import ServerSettings
+from services.common.settings import ServerSettings, comma_separated
 
 
 class EvaluatorSettings(ServerSettings):
@@ -54,6 +54,4 @@ class EvaluatorSettings(ServerSettings):
     @field_validator("allowed_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [Path(p.strip()) for p in value.split(",") if p.strip()]
-        return value
+        return comma_separated(value)

@@ -8,6 +8,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from services.common.settings import comma_separated
+
 
 class WebSettings(BaseSettings):
     """What the HTTP gateway is configured with: where the services are, what it may serve, its limits."""
@@ -65,16 +67,12 @@ class WebSettings(BaseSettings):
     @field_validator("allowed_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [Path(p.strip()) for p in value.split(",") if p.strip()]
-        return value
+        return comma_separated(value)
 
     @field_validator("datasets", mode="before")
     @classmethod
     def _split_datasets(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [p.strip() for p in value.split(",") if p.strip()]
-        return value
+        return comma_separated(value)
 
     @field_validator("datasets")
     @classmethod

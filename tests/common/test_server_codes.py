@@ -92,10 +92,16 @@ def test_a_client_cancelling_a_stream_is_cancelled_not_internal(
         call.cancel()
         stop.set()
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not _sample(
-                running, "grpc_server_handled_total", **labels, grpc_code="CANCELLED"):
+        while time.monotonic() < deadline and not _sample(running, "grpc_server_handled_total", **labels,
+                                                          grpc_code="CANCELLED") + _sample(
+                running, "grpc_server_handled_total", **labels, grpc_code="OK"):
             time.sleep(0.05)
-    assert _sample(running, "grpc_server_handled_total", **labels, grpc_code="CANCELLED") == 1
+    # Counted once, never INTERNAL. Usually CANCELLED; but grpcio may complete the handler's pending
+    # read with "no more messages" before it processes the cancellation (seen on a loaded CI box, 2
+    # runs in 25 under CPU stress), and a handler that then ends on its own is counted OK, as
+    # go-grpc-prometheus counts the handler's own code.
+    cancelled = _sample(running, "grpc_server_handled_total", **labels, grpc_code="CANCELLED")
+    assert cancelled + _sample(running, "grpc_server_handled_total", **labels, grpc_code="OK") == 1
     assert _sample(running, "grpc_server_handled_total", **labels, grpc_code="INTERNAL") == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 

@@ -165,6 +165,7 @@ class ModelRuntime:
             self.text_batcher = DynamicBatcher(
                 self._run_texts, max_batch_size=self.max_batch_size, max_delay=delay,
                 max_queue=settings.max_queue_items, name=f"{spec.id}-text", on_batch=self._observer(TEXT))
+        metrics.precreate(spec.id, self.backend.name, (IMAGE, TEXT) if self.text_batcher is not None else (IMAGE,))
 
     @property
     def dtype_name(self) -> str:

@@ -56,3 +56,19 @@ class EncoderMetrics:
         self.loaded = Gauge("encoder_model_loaded", "1 when the model is loaded and warm.", ["model"],
                             registry=registry)
         registry.register(_DeviceMemoryCollector())
+
+    def precreate(self, model: str, backend: str, modalities: tuple[str, ...]) -> None:
+        """Creates ``model``'s series at zero when it loads. A labelled series otherwise appears at its
+        first observation, already holding it, and rate() and histogram_quantile() see no increase
+        until a later scrape: the first traffic after a load would not show at all."""
+        for modality in modalities:
+            self.batch_size.labels(model, modality)
+            self.queue_depth.labels(model, modality)
+        stages = ("decode", "queue", "forward", *(("forward_text",) if "text" in modalities else ()))
+        for stage in stages:
+            self.duration.labels(model, stage, backend)
+        for outcome in ("ok", "error", "cancelled"):
+            self.images.labels(model, outcome)
+        if "text" in modalities:
+            for outcome in ("ok", "error"):
+                self.texts.labels(model, outcome)

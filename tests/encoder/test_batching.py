@@ -148,3 +148,29 @@ def test_a_padded_batch_gives_each_image_its_own_vector(random_core: EncoderCore
         runtime.backend.embed_images = embed  # type: ignore[method-assign]
     assert seen == [8] and padded.shape == alone.shape
     torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_a_loaded_model_has_its_series_before_any_traffic() -> None:
+    # The observability test flaked: encoder_batch_size appeared at its first batch, already holding
+    # the traffic, so rate() saw no increase and the batch-size median stayed NaN.
+    from prometheus_client import CollectorRegistry
+
+    from services.encoder.config import EncoderSettings
+    from tests.encoder.conftest import plumbing_registry
+
+    registry = CollectorRegistry()
+    core = EncoderCore(EncoderSettings(random_weights=True, models=[], metrics_port=-1, port=0),
+                       registry=plumbing_registry(), metrics_registry=registry)
+    try:
+        assert registry.get_sample_value("encoder_batch_size_count", {"model": "dinov2-tiny",
+                                                                      "modality": "image"}) is None
+        runtime = core.runtime("dinov2-tiny")
+        labels = {"model": "dinov2-tiny", "modality": "image"}
+        assert registry.get_sample_value("encoder_batch_size_count", labels) == 0.0
+        assert registry.get_sample_value("encoder_queue_depth", labels) == 0.0
+        for outcome in ("ok", "error", "cancelled"):
+            assert registry.get_sample_value("encoder_images_total", {"model": "dinov2-tiny", "outcome": outcome}) == 0
+        assert registry.get_sample_value("encoder_inference_duration_seconds_count", {
+            "model": "dinov2-tiny", "stage": "queue", "backend": runtime.backend.name}) == 0.0
+    finally:
+        core.close()

@@ -140,15 +140,19 @@ class EvaluationProtocol(ABC):
     def relevance(self, catalogue: Side, queries: Side) -> Relevance:
         """Labels of both sides, and what each query must not see of the catalogue."""
 
-    @abstractmethod
     def top_k(self, search: SearchClient, collection: str, catalogue_ids: Sequence[str], queries: Side,
               depth: int, progress: Progress) -> TopK:
-        """The search service's top-``depth`` for every query of the indexed catalogue."""
+        """The search service's top-``depth`` for every query of the indexed catalogue (by default:
+        each query's own vector)."""
+        return search.top_k(collection, depth, vectors=queries.vectors, progress=progress)
 
-    @abstractmethod
     def exact(self, catalogue: Side, queries: Side, relevance: Relevance, ks: Sequence[int], top_k: int,
               progress: Progress) -> mx.RetrievalMetrics:
-        """The full-ranking metrics from the embeddings."""
+        """The full-ranking metrics from the embeddings (by default: each query ranked against the
+        catalogue, without the catalogue items ``relevance.exclude`` names for it)."""
+        return mx.catalogue_query(queries.vectors, relevance.query_labels, catalogue.vectors,
+                                  relevance.catalogue_labels, exclude=relevance.exclude, ks=ks, top_k=top_k,
+                                  class_names=relevance.classes, progress=progress)
 
     def depth(self, n_catalogue: int, ks: Sequence[int], relevance: Relevance) -> int:
         """How deep to ask the search service: the deepest k, plus room for junk removed afterwards."""
@@ -253,16 +257,6 @@ class CatalogueQuery(EvaluationProtocol):
         classes, query_labels, catalogue_labels = _encode(catalogue.dataset, queries.dataset)
         return Relevance(classes, query_labels, catalogue_labels, pad(junk_lists(queries.dataset, catalogue.dataset)))
 
-    def top_k(self, search: SearchClient, collection: str, catalogue_ids: Sequence[str], queries: Side,
-              depth: int, progress: Progress) -> TopK:
-        return search.top_k(collection, depth, vectors=queries.vectors, progress=progress)
-
-    def exact(self, catalogue: Side, queries: Side, relevance: Relevance, ks: Sequence[int], top_k: int,
-              progress: Progress) -> mx.RetrievalMetrics:
-        return mx.catalogue_query(queries.vectors, relevance.query_labels, catalogue.vectors,
-                                  relevance.catalogue_labels, exclude=relevance.exclude, ks=ks, top_k=top_k,
-                                  class_names=relevance.classes, progress=progress)
-
 
 def _image_catalogue(dataset: str, catalogue: str, display_name: str, allowed_roots: Sequence[Path]) -> Dataset:
     """The searched images of a text or composed run: the ``catalogue`` list (relative to the dataset
@@ -345,16 +339,6 @@ class TextToImage(EvaluationProtocol):
     def relevance(self, catalogue: Side, queries: Side) -> Relevance:
         classes, query_labels, catalogue_labels = _encode(catalogue.dataset, queries.dataset)
         return Relevance(classes, query_labels, catalogue_labels, None)
-
-    def top_k(self, search: SearchClient, collection: str, catalogue_ids: Sequence[str], queries: Side,
-              depth: int, progress: Progress) -> TopK:
-        return search.top_k(collection, depth, vectors=queries.vectors, progress=progress)
-
-    def exact(self, catalogue: Side, queries: Side, relevance: Relevance, ks: Sequence[int], top_k: int,
-              progress: Progress) -> mx.RetrievalMetrics:
-        return mx.catalogue_query(queries.vectors, relevance.query_labels, catalogue.vectors,
-                                  relevance.catalogue_labels, ks=ks, top_k=top_k, class_names=relevance.classes,
-                                  progress=progress)
 
     def ks(self, requested: Sequence[int]) -> tuple[int, ...]:
         return tuple(sorted({*requested, *TEXT_KS}))
@@ -476,12 +460,6 @@ class ComposedQueries(EvaluationProtocol):
     def depth(self, n_catalogue: int, ks: Sequence[int], relevance: Relevance) -> int:
         # The service already leaves the reference out; other junk is removed afterwards.
         return min(max(ks) + max(0, relevance.max_excluded - 1), n_catalogue - 1)
-
-    def exact(self, catalogue: Side, queries: Side, relevance: Relevance, ks: Sequence[int], top_k: int,
-              progress: Progress) -> mx.RetrievalMetrics:
-        return mx.catalogue_query(queries.vectors, relevance.query_labels, catalogue.vectors,
-                                  relevance.catalogue_labels, exclude=relevance.exclude, ks=ks, top_k=top_k,
-                                  class_names=relevance.classes, progress=progress)
 
 
 PROTOCOLS: dict[str, EvaluationProtocol] = {

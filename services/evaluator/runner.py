@@ -175,7 +175,9 @@ class _Job:
                                     lambda d, t: self.progress("metrics", d, t, model))
         service = mx.service_topk_metrics(service_top, relevance.query_labels, relevance.catalogue_labels,
                                           exact["n_relevant"], ks, relevance.exclude)
-        agreement = mx.index_recall(mx.drop_excluded(service_top, relevance.exclude), exact["top_indices"], ks)
+        seen = mx.drop_excluded(service_top, relevance.exclude)
+        agreement = mx.index_recall(seen, exact["top_indices"], ks, exact["top_scores"],
+                                    mx.similarities(queries.vectors, catalogue.vectors, seen))
         extra = self.protocol.extra_metrics(catalogue, queries, relevance)
         timings["metrics_seconds"] = time.perf_counter() - start
 

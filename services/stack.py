@@ -158,8 +158,13 @@ class Stack:
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         for service in self.config.processes:
             log = (self.config.log_dir / f"{service}.log").open("wb")
+            # A process group of its own (a terminal's Ctrl-C reaches the stack, which stops the
+            # services in order), but the caller's session: Linux's autogroup schedules each session
+            # as one group with an equal CPU share, which let busy services starve an idle one's
+            # health checks for up to 250 ms, and made the nice value of anything else ineffective
+            # against them (benchmarks/load.py, measured).
             self.processes[service] = subprocess.Popen(self._command(service), stdout=log, stderr=subprocess.STDOUT,
-                                                       env=env, start_new_session=True)
+                                                       env=env, process_group=0)
         deadline = time.monotonic() + timeout
         for service in SERVICES:
             with channel(self.config.address(service), tls=self.config.client_tls) as chan:

@@ -35,6 +35,7 @@ codes, undecodable requests to INVALID_ARGUMENT, a caller that went away to CANC
 from __future__ import annotations
 
 import contextlib
+import gc
 import hmac
 import logging
 import signal
@@ -55,6 +56,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.errors import InvalidArgument, ServiceError, bounded_message, rich_status
 from services.common.metrics import GrpcServerMetrics, MetricsEndpoint, rpc_type, start_metrics_endpoint
+from services.common.priority import lower_thread_priority
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,9 @@ class CountingExecutor(futures.ThreadPoolExecutor):
     read ``in_flight`` in that same thread to refuse an RPC before it would wait for a thread.
     """
 
-    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
-        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+    def __init__(self, max_workers: int, thread_name_prefix: str, niceness: int = 0) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix,
+                         initializer=lower_thread_priority, initargs=(niceness,))
         self.capacity = max_workers
         self._count_lock = threading.Lock()
         self._in_flight = 0
@@ -119,8 +122,10 @@ class _Pools:
 
     @classmethod
     def for_settings(cls, settings: ServerSettings) -> _Pools:
-        return cls(unary=CountingExecutor(settings.grpc_workers, "grpc"),
-                   streams=CountingExecutor(settings.max_concurrent_streams, "grpc-stream"),
+        # The work runs below the probes' priority (services.common.priority); reflection, refusals and
+        # watch sends are control plane: they stay at the probes' priority.
+        return cls(unary=CountingExecutor(settings.grpc_workers, "grpc", settings.work_niceness),
+                   streams=CountingExecutor(settings.max_concurrent_streams, "grpc-stream", settings.work_niceness),
                    open_streams=CountingExecutor(_OPEN_STREAM_THREADS, "grpc-open-stream"),
                    probe=futures.ThreadPoolExecutor(2, thread_name_prefix="grpc-probe"),
                    reject=futures.ThreadPoolExecutor(2, thread_name_prefix="grpc-reject"),
@@ -129,6 +134,19 @@ class _Pools:
     def shutdown(self) -> None:
         for pool in (self.unary, self.streams, self.open_streams, self.probe, self.reject, self.watch_send):
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def freeze_heap() -> None:
+    """Moves every object alive now (modules, models, the engine's tables) to the garbage collector's
+    permanent generation (``gc.freeze``), so that a full collection scans only what requests made.
+
+    A full collection holds the GIL for as long as it scans: with EfficientNet-Lite0 loaded the
+    encoder holds ~400k tracked objects and a full collection took 130-145 ms (measured), during which
+    no thread of the process, health checks included, ran; under load that was the encoder's health
+    p99. Objects frozen this way are never collected, so it is called once the service is ready (and
+    after each model load), when what is alive is what the service keeps.
+    """
+    gc.freeze()
 
 
 @dataclass(frozen=True)
@@ -151,13 +169,18 @@ class RunningServer:
     metrics: MetricsEndpoint | None = None
     pools: _Pools | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
+    _frozen: bool = False
 
     @property
     def metrics_port(self) -> int | None:
         return self.metrics.port if self.metrics else None
 
     def set_serving(self, serving: bool) -> None:
-        """Reports SERVING (or NOT_SERVING) for the server as a whole and for each service."""
+        """Reports SERVING (or NOT_SERVING) for the server as a whole and for each service; the first
+        SERVING also freezes the start-up heap (``freeze_heap``)."""
+        if serving and not self._frozen:
+            self._frozen = True
+            freeze_heap()
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ["", *self.service_names]:

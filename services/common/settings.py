@@ -43,6 +43,10 @@ class ServerSettings(BaseSettings):
     max_watch_streams: int = Field(
         256, gt=0, description="open grpc.health.v1 Watch streams (they hold no thread; open to callers "
                                "without a token, as probes are)")
+    work_niceness: int = Field(
+        5, ge=0, le=19, description="nice value added to the threads that do requests' work (handlers, the "
+                                    "encoder's decode and batch threads), so health probes and admission win "
+                                    "the CPU when the work saturates it (Linux: per thread; 0: off)")
     grace_seconds: float = Field(10.0, ge=0, description="seconds in-flight RPCs get on SIGTERM")
     max_connection_age_seconds: float = Field(
         300.0, ge=0, description="close client connections after this long (0: never), so that clients "

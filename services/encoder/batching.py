@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from services.common.priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class DynamicBatcher(Generic[T, R]):
         max_queue: items allowed to wait; beyond it ``submit`` raises ResourceExhausted.
         name: thread name, for logs.
         on_batch: called with (batch size, seconds spent in the queue per item) after each batch.
+        niceness: added to the worker thread's nice value (and so to the compute threads it starts;
+            ``services.common.priority``), so that the service's probes win the CPU over the model.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class DynamicBatcher(Generic[T, R]):
         max_queue: int,
         name: str,
         on_batch: Callable[[int, list[float]], None] | None = None,
+        niceness: int = 0,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -67,7 +71,7 @@ class DynamicBatcher(Generic[T, R]):
         self._pending = 0
         self._lock = threading.Lock()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(niceness,), name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
     @property
@@ -139,7 +143,8 @@ class DynamicBatcher(Generic[T, R]):
             self._pending -= len(batch)
         return batch, stop
 
-    def _loop(self) -> None:
+    def _loop(self, niceness: int) -> None:
+        lower_thread_priority(niceness)  # before the first batch starts the compute threads
         stop = False
         while not stop:
             batch, stop = self._take_batch()

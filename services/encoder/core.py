@@ -30,6 +30,8 @@ from services.common.errors import (
     ResourceExhausted,
     ServiceError,
 )
+from services.common.priority import lower_thread_priority
+from services.common.server import freeze_heap
 from services.encoder import adapters, images
 from services.encoder.backends import (
     BackendOptions,
@@ -159,12 +161,13 @@ class ModelRuntime:
         self.image_batcher: DynamicBatcher[torch.Tensor, Outcome] = DynamicBatcher(
             self._run_images, max_batch_size=self.max_batch_size, max_delay=delay,
             max_queue=settings.max_queue_items, name=f"{spec.id}-image",
-            on_batch=self._observer(IMAGE))
+            on_batch=self._observer(IMAGE), niceness=settings.work_niceness)
         self.text_batcher: DynamicBatcher[str, Outcome] | None = None
         if TEXT in spec.modalities and family.embed_texts is not None:
             self.text_batcher = DynamicBatcher(
                 self._run_texts, max_batch_size=self.max_batch_size, max_delay=delay,
-                max_queue=settings.max_queue_items, name=f"{spec.id}-text", on_batch=self._observer(TEXT))
+                max_queue=settings.max_queue_items, name=f"{spec.id}-text", on_batch=self._observer(TEXT),
+                niceness=settings.work_niceness)
         metrics.precreate(spec.id, self.backend.name, (IMAGE, TEXT) if self.text_batcher is not None else (IMAGE,))
 
     @property
@@ -336,7 +339,10 @@ class EncoderCore:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         workers = settings.decode_workers or os.cpu_count() or 1
-        self._decode_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._decode_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode",
+                                               initializer=lower_thread_priority, initargs=(settings.work_niceness,))
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader",
+                                          initializer=lower_thread_priority, initargs=(settings.work_niceness,))
         self._models: dict[str, ModelRuntime] = {}
         self.load_error: Exception | None = None  # set when the preload at start-up failed
         self._load_locks: dict[str, threading.Lock] = {}
@@ -366,29 +372,37 @@ class EncoderCore:
                     f"model {spec.id}: {len(self._models)} models are loaded, the limit is "
                     f"{self.settings.max_loaded_models} (ENCODER_MAX_LOADED_MODELS); preload the models you need "
                     "with ENCODER_MODELS")
-            start = time.perf_counter()
-            log.info("loading %s on %s (%s)", spec.id, self.device, str(self.dtype))
-            if spec.adapter is not None:
-                # The base network comes from the base's own entry (its weights file, its checksum).
-                family = adapters.attach(spec, load_family_model(self.registry.get(spec.adapter.base_model),
-                                                                 self._load_context))
-            else:
-                family = load_family_model(spec, self._load_context)
-            backend = build_backend(spec, family, self.device, self.dtype, self._backend_options)
-            runtime = ModelRuntime(spec, family, self.device, self.dtype, self.settings, self.metrics, backend)
-            try:
-                runtime.warm_up()
-            except BaseException:
-                runtime.close()
-                raise
-            seconds = time.perf_counter() - start
-            self.metrics.load_seconds.labels(spec.id).set(seconds)
-            self.metrics.loaded.labels(spec.id).set(1)
-            log.info("loaded %s in %.1f s from %s (backend %s%s)", spec.id, seconds, family.weights_source,
-                     backend.name, f", {backend.provider}" if backend.provider else "")
+            # On the loader thread: the compute threads a backend starts (ONNX Runtime's pool at session
+            # creation, PyTorch's OpenMP team at warm-up) inherit its lowered priority.
+            runtime = self._loader.submit(self._build, spec).result()
             with self._lock:
                 self._models[spec.id] = runtime
+            freeze_heap()  # the model is here to stay: later full collections need not scan it
             return runtime
+
+    def _build(self, spec: ModelSpec) -> ModelRuntime:
+        """Loads, builds the backend of and warms up ``spec`` (on the loader thread)."""
+        start = time.perf_counter()
+        log.info("loading %s on %s (%s)", spec.id, self.device, str(self.dtype))
+        if spec.adapter is not None:
+            # The base network comes from the base's own entry (its weights file, its checksum).
+            family = adapters.attach(spec, load_family_model(self.registry.get(spec.adapter.base_model),
+                                                             self._load_context))
+        else:
+            family = load_family_model(spec, self._load_context)
+        backend = build_backend(spec, family, self.device, self.dtype, self._backend_options)
+        runtime = ModelRuntime(spec, family, self.device, self.dtype, self.settings, self.metrics, backend)
+        try:
+            runtime.warm_up()
+        except BaseException:
+            runtime.close()
+            raise
+        seconds = time.perf_counter() - start
+        self.metrics.load_seconds.labels(spec.id).set(seconds)
+        self.metrics.loaded.labels(spec.id).set(1)
+        log.info("loaded %s in %.1f s from %s (backend %s%s)", spec.id, seconds, family.weights_source,
+                 backend.name, f", {backend.provider}" if backend.provider else "")
+        return runtime
 
     def preload(self) -> None:
         """Loads every model of ``settings.models``."""
@@ -576,6 +590,7 @@ class EncoderCore:
         for runtime in list(self._models.values()):
             runtime.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
 
 def _outcome_of(fut: Future[Outcome]) -> Outcome:

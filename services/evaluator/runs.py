@@ -34,6 +34,7 @@ from services.common.errors import (
     ServiceError,
 )
 from services.common.files import atomic_write_text
+from services.common.priority import lower_thread_priority
 from services.evaluator.runner import Runner
 from services.evaluator.spec import ModelResult, RunSpec
 
@@ -109,12 +110,16 @@ class RunManager:
         state_dir: where run records persist (None: memory only, for tests).
         max_runs_kept: finished runs remembered; the oldest are forgotten first.
         max_queued: runs queued or running at once; beyond it ``start`` refuses (with a retry hint).
+        niceness: added to the run threads' nice value (``services.common.priority``): a run's metric
+            maths must not delay the service's probes.
     """
 
     def __init__(self, runner: Callable[[], Runner], max_concurrent: int, metrics: EvaluatorMetrics,
-                 state_dir: Path | None = None, max_runs_kept: int = 1000, max_queued: int = 100) -> None:
+                 state_dir: Path | None = None, max_runs_kept: int = 1000, max_queued: int = 100,
+                 niceness: int = 0) -> None:
         self._runner = runner
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="run")
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="run",
+                                        initializer=lower_thread_priority, initargs=(niceness,))
         self._runs: dict[str, RunRecord] = {}
         self._cancel: dict[str, threading.Event] = {}
         self._changed = threading.Condition()

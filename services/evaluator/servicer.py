@@ -136,7 +136,7 @@ def create_evaluator_server(settings: EvaluatorSettings) -> tuple[RunningServer,
     registry = CollectorRegistry()
     manager = RunManager(lambda: make_runner(settings), settings.max_concurrent_runs, EvaluatorMetrics(registry),
                          state_dir=settings.state_dir, max_runs_kept=settings.max_runs_kept,
-                         max_queued=settings.max_queued_runs)
+                         max_queued=settings.max_queued_runs, niceness=settings.work_niceness)
     servicer = EvaluatorServicer(manager, settings)
     running = create_server(settings, [ServiceRegistration(
         SERVICE, lambda srv: evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server(servicer, srv))],

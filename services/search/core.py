@@ -311,7 +311,7 @@ class SearchCore:
                         | {p.point_id for q in queries for p in q.parts if p.point_id})
         if not wanted:
             return [self._composed(q, {}, w) if q.parts else q for q, w in zip(queries, wheres, strict=True)]
-        found = {p.id: p.vector for p in self.store.retrieve(meta.name, wanted, with_vector=True)}
+        found = self.store.stored_vectors(meta.name, wanted)
         out = []
         for query, where in zip(queries, wheres, strict=True):
             if query.parts:

@@ -75,7 +75,9 @@ import qdrant_edge as qe
 
 from services.common.errors import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable
 from services.common.files import atomic_write_text, fsync_dir
+from services.common.priority import call_lowered
 from services.search.edge_build import DEFAULT_NICENESS
+from services.search.exact_scan import ExactScan
 from services.search.store import (
     CollectionMeta,
     CollectionStats,
@@ -113,6 +115,9 @@ MAX_BUILD_DELTA_POINTS = 50_000
 # here), and other threads get the GIL between slices. An Edge call costs ~1 ms of its own on such a
 # collection, so slices are no smaller than this needs.
 SCAN_COMPONENTS_PER_CALL = 160_000_000
+# Largest in-memory copy of an exact-only collection's vectors (see ``services.search.exact_scan``):
+# 1 GiB is 210k points at 1280-d, 700k at 384-d.
+EXACT_SCAN_MAX_BYTES = 1 << 30
 # Queries per Edge call when the collection is indexed and the queries use the index (~0.3 ms each).
 INDEXED_QUERIES_PER_CALL = 32
 # At the swap, recorded writes are replayed onto the new shard while writes go on until at most this
@@ -246,6 +251,11 @@ class _Collection:
     build: _Build | None = None  # the build in progress, if any
     closed: bool = False
     index_error: str | None = None
+    # Exact-only collections: their vectors in memory, for exact queries as matrix products
+    # (``services.search.exact_scan``); ``scan_pending`` while it is to be read from Edge (after a
+    # restart) on first use. None and not pending: queries go to Edge (not exact-only, too large).
+    scan: ExactScan | None = None
+    scan_pending: bool = False
 
     @property
     def shard_path(self) -> Path:
@@ -262,7 +272,8 @@ class EdgeStore:
                  on_index_built: Callable[[str, float], None] | None = None,
                  max_build_delta_points: int = MAX_BUILD_DELTA_POINTS, build_niceness: int = DEFAULT_NICENESS,
                  build_hook: Callable[[str], None] | None = None,
-                 scan_components_per_call: int = SCAN_COMPONENTS_PER_CALL) -> None:
+                 scan_components_per_call: int = SCAN_COMPONENTS_PER_CALL, search_niceness: int = 0,
+                 exact_scan_max_bytes: int = EXACT_SCAN_MAX_BYTES) -> None:
         """Opens (or creates) the data directory and every collection in it, replaying their logs.
 
         Args:
@@ -279,6 +290,11 @@ class EdgeStore:
             build_hook: tests only: called with each step of ``BUILD_STEPS`` as a build completes it.
             scan_components_per_call: vector components (points x dim per query that scans) one
                 Edge query call may scan; larger batches are sliced (see ``SCAN_COMPONENTS_PER_CALL``).
+            search_niceness: nice value added to each shard's Edge search threads, which do the
+                queries' work (``services.common.priority``), so the service's probes win the CPU.
+            exact_scan_max_bytes: largest in-memory copy of an exact-only collection's vectors that
+                answers its unfiltered queries as matrix products (``services.search.exact_scan``);
+                0: every query goes to Edge.
 
         Raises:
             FailedPrecondition: another process has the directory open.
@@ -293,6 +309,8 @@ class EdgeStore:
         self._build_niceness = build_niceness
         self._build_hook = build_hook
         self._scan_per_call = scan_components_per_call
+        self._search_niceness = search_niceness
+        self._scan_max_bytes = exact_scan_max_bytes
         self.last_build: BuildReport | None = None
         """The report of the latest build that ran to its end (tests, benchmarks)."""
         self._lock = threading.RLock()  # collection and alias lifecycle
@@ -347,12 +365,13 @@ class EdgeStore:
             self._remove_stray_generations(entry, generation)
             start = time.monotonic()
             shard_path = entry / shard_dir_name(generation)
-            shard = qe.EdgeShard.load(str(shard_path), self._config(meta.dim, creating=False))
+            shard = self._load_shard(shard_path, meta.dim)
             # After a crash the log's replayed writes are in memory only, and the first flush writes
             # them all with the GIL held (100k x 384-d: 1.3 s, measured): do it now, before the server
             # answers anything, rather than in the first synced Upsert or the first index build.
             shard.flush()
-            collection = _Collection(meta=meta, path=entry, shard=shard, generation=generation)
+            collection = _Collection(meta=meta, path=entry, shard=shard, generation=generation,
+                                     scan_pending=meta.exact_only and self._scan_max_bytes > 0)
             # Whether an index build is pending is not visible from outside: let the indexer look.
             collection.dirty_since = time.monotonic()
             self._collections[meta.name] = collection
@@ -437,8 +456,14 @@ class EdgeStore:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            shard = qe.EdgeShard.load(str(final / _SHARD_DIR), self._config(meta.dim, creating=False))
-            self._collections[meta.name] = _Collection(meta=meta, path=final, shard=shard)
+            shard = self._load_shard(final / _SHARD_DIR, meta.dim)
+            scan = ExactScan(meta.dim, self._scan_max_bytes) if meta.exact_only and self._scan_max_bytes > 0 else None
+            self._collections[meta.name] = _Collection(meta=meta, path=final, shard=shard, scan=scan)
+
+    def _load_shard(self, path: Path, dim: int) -> qe.EdgeShard:
+        """Loads a shard; its search threads (started by the load) run at ``search_niceness``."""
+        config = self._config(dim, creating=False)
+        return call_lowered(self._search_niceness, lambda: qe.EdgeShard.load(str(path), config))
 
     def _check_name_free(self, name: str) -> None:
         if name in self._collections:
@@ -532,11 +557,19 @@ class EdgeStore:
                 return self._call(collection, fn)
             raise Internal(f"edge engine, collection {collection.meta.name!r}: {exc}") from exc
 
-    def _write(self, target: _Collection, operation: qe.UpdateOperation, points: int) -> None:
-        """Applies a write to the live shard and, while a build records, to its delta."""
+    def _write(self, target: _Collection, operation: qe.UpdateOperation, points: int,
+               scan_write: Callable[[ExactScan], bool]) -> None:
+        """Applies a write to the live shard, to the in-memory vectors (``scan_write``; False: they
+        outgrew their bound, and queries go to Edge from now on) and, while a build records, to its
+        delta."""
         with target.write_lock:
             self._call(target, lambda s: s.update(operation))
-            # Under the lock with the write, so that a build's copy either has it or records it.
+            # Under the lock with the write, so that a build's copy either has it or records it, and
+            # a search of the scan sees the write or not, never half of it.
+            if target.scan is not None and not scan_write(target.scan):
+                log.info("collection %s outgrew the exact-scan memory bound (%d bytes): exact queries go to Edge",
+                         target.meta.name, self._scan_max_bytes)
+                target.scan = None
             target.dirty_since = time.monotonic()
             build = target.build
             if build is not None and build.recording:
@@ -550,7 +583,8 @@ class EdgeStore:
         target = self._get(collection)
         operation = qe.UpdateOperation.upsert_points(
             [qe.Point(p.id, p.vector.tolist(), p.payload.to_dict()) for p in points])
-        self._write(target, operation, len(points))
+        self._write(target, operation, len(points), lambda scan: scan.upsert(
+            [p.id for p in points], np.stack([p.vector for p in points]) if points else np.empty((0, scan.dim))))
 
     def sync(self, collection: str) -> None:
         target = self._get(collection)
@@ -559,7 +593,8 @@ class EdgeStore:
 
     def delete(self, collection: str, ids: Sequence[str]) -> None:
         target = self._get(collection)
-        self._write(target, qe.UpdateOperation.delete_points(list(ids)), len(ids))
+        self._write(target, qe.UpdateOperation.delete_points(list(ids)), len(ids),
+                    lambda scan: scan.delete(ids) >= 0)
 
     def retrieve(self, collection: str, ids: Sequence[str], with_vector: bool) -> list[Point]:
         target = self._get(collection)
@@ -577,8 +612,77 @@ class EdgeStore:
             with_vector=query.with_vector,
         )
 
+    def stored_vectors(self, collection: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        target = self._get(collection)
+        scan = self._scan(target)
+        if scan is not None:
+            return scan.vectors(ids)
+        records = self._call(target, lambda s: s.retrieve(list(ids), with_payload=False, with_vector=True))
+        return {str(r.id): _vector(r.vector) for r in records}
+
+    def _scan(self, target: _Collection) -> ExactScan | None:
+        """The collection's in-memory vectors, read from Edge first if a restart left them pending;
+        None when its queries go to Edge."""
+        if not target.scan_pending:
+            return target.scan
+        with target.write_lock:  # no write between the read and the switch
+            if target.scan_pending:
+                target.scan = self._read_scan(target)
+                target.scan_pending = False
+        return target.scan
+
+    def _read_scan(self, target: _Collection) -> ExactScan | None:
+        scan = ExactScan(target.meta.dim, self._scan_max_bytes)
+        start = time.monotonic()
+        if not scan.fits(self._call(target, lambda s: s.info().points_count)):
+            return None
+        offset = None
+        while True:
+            request = qe.ScrollRequest(offset=offset, limit=4096, with_payload=False, with_vector=True)
+            records, offset = self._call(target, lambda s: s.scroll(request))  # noqa: B023 (called at once)
+            if records:
+                scan.upsert([str(r.id) for r in records], np.asarray([r.vector for r in records], dtype=np.float32))
+            if offset is None:
+                break
+        log.info("read %d vectors of exact-only collection %s into memory in %.2f s", len(scan), target.meta.name,
+                 time.monotonic() - start)
+        return scan
+
     def query(self, collection: str, queries: Sequence[Query]) -> list[list[Hit]]:
         target = self._get(collection)
+        scan = self._scan(target)
+        # The in-memory scan answers what it answers exactly as Edge would: every query without a
+        # payload filter. The rest (and everything on other collections) goes to Edge.
+        scanned = [i for i, q in enumerate(queries) if q.filter is None] if scan is not None else []
+        results: list[list[Hit]] = [[] for _ in queries]
+        if scanned:
+            assert scan is not None
+            chosen = [queries[i] for i in scanned]
+            answers = scan.search(np.stack([q.vector for q in chosen]), [q.limit for q in chosen],
+                                  [q.exclude_ids for q in chosen], with_vectors=any(q.with_vector for q in chosen))
+            payloads = self._payloads(target, {pid for q, a in zip(chosen, answers, strict=True) if q.with_payload
+                                               for pid in a.ids})
+            for i, q, a in zip(scanned, chosen, answers, strict=True):
+                if not (q.with_payload or q.with_vector):  # evaluation: ~10^6 hits per run, kept lean
+                    results[i] = list(map(Hit, a.ids.tolist(), a.scores.tolist()))
+                    continue
+                vectors = a.vectors if q.with_vector else None
+                results[i] = [Hit(pid, score, payloads.get(pid) if q.with_payload else None,
+                                  vectors[j] if vectors is not None else None)
+                              for j, (pid, score) in enumerate(zip(a.ids.tolist(), a.scores.tolist(), strict=True))]
+        rest = [i for i in range(len(queries)) if scan is None or queries[i].filter is not None]
+        if rest:
+            for i, hits in zip(rest, self._edge_query(target, [queries[i] for i in rest]), strict=True):
+                results[i] = hits
+        return results
+
+    def _payloads(self, target: _Collection, ids: set[str]) -> dict[str, Payload]:
+        if not ids:
+            return {}
+        records = self._call(target, lambda s: s.retrieve(list(ids), with_payload=True, with_vector=False))
+        return {str(r.id): Payload.from_dict(r.payload) for r in records}
+
+    def _edge_query(self, target: _Collection, queries: Sequence[Query]) -> list[list[Hit]]:
         requests = [self._request(q) for q in queries]
         if len(requests) == 1:
             results = [self._call(target, lambda s: s.query(requests[0]))]
@@ -728,10 +832,13 @@ class EdgeStore:
         command = [sys.executable, "-m", "services.search.edge_build", str(build.path),
                    "--nice", str(self._build_niceness), "--parent", str(os.getpid())]
         # The child shares the data directory's flock: while it lives, no second store opens the
-        # directory (should it outlive a SIGKILLed service despite PR_SET_PDEATHSIG). Its own session,
-        # so that a terminal's Ctrl-C reaches the service, which then abandons the build.
+        # directory (should it outlive a SIGKILLed service despite PR_SET_PDEATHSIG). Its own process
+        # group, so that a terminal's Ctrl-C reaches the service, which then abandons the build; the
+        # service's session, so that Linux's autogroup schedules it with the service and its nice
+        # value counts against the service's threads (in a session of its own it got a full group's
+        # share of the CPU whatever its nice value).
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                   pass_fds=(self._lock_fd,), start_new_session=True)
+                                   pass_fds=(self._lock_fd,), process_group=0)
         build.process = process
         if build.abandoned:
             process.kill()
@@ -748,7 +855,7 @@ class EdgeStore:
     def _swap(self, collection: _Collection, build: _Build, report: BuildReport) -> BuildReport:
         """Loads the new generation, replays the recorded writes and makes it the collection's shard."""
         start = time.monotonic()
-        shard = qe.EdgeShard.load(str(build.path), self._config(collection.meta.dim, creating=False))
+        shard = self._load_shard(build.path, collection.meta.dim)
         loaded = time.monotonic()
         switched = False
         try:

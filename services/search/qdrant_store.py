@@ -345,6 +345,11 @@ class QdrantStore:
         return [Point(id=str(r.id), vector=_vector(r.vector) if with_vector else np.empty(0, np.float32),
                       payload=Payload.from_dict(r.payload)) for r in records]
 
+    def stored_vectors(self, collection: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        records = self._call(f"retrieve from {collection!r}", lambda: self.client.retrieve(
+            collection, list(ids), with_payload=False, with_vectors=True))
+        return {str(r.id): _vector(r.vector) for r in records}
+
     def _request(self, query: Query) -> models.QueryRequest:
         return models.QueryRequest(
             query=query.vector.tolist(),

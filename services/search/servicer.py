@@ -58,10 +58,11 @@ def to_query(msg: search_pb2.SearchRequest) -> Query:
 
 
 def hits_msg(hits: list[Hit]) -> search_pb2.SearchResponse:
+    scored = search_pb2.ScoredPoint
     return search_pb2.SearchResponse(hits=[
-        search_pb2.ScoredPoint(id=h.id, score=h.score,
-                               payload=payload_msg(h.payload) if h.payload is not None else None,
-                               vector=h.vector.tolist() if h.vector is not None else None)
+        scored(id=h.id, score=h.score) if h.payload is None and h.vector is None  # the common case, lean
+        else scored(id=h.id, score=h.score, payload=payload_msg(h.payload) if h.payload is not None else None,
+                    vector=h.vector.tolist() if h.vector is not None else None)
         for h in hits])
 
 
@@ -161,6 +162,8 @@ def open_store(settings: SearchSettings, metrics: SearchMetrics | None = None) -
     return EdgeStore(settings.data_dir, params, search_threads=settings.search_threads,
                      index_idle_seconds=settings.index_idle_seconds,
                      scan_components_per_call=settings.scan_components_per_call,
+                     search_niceness=settings.work_niceness,
+                     exact_scan_max_bytes=settings.exact_scan_max_bytes,
                      on_index_built=(lambda _name, seconds: built(seconds)) if built else None)
 
 

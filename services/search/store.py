@@ -13,7 +13,7 @@ import enum
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -117,9 +117,12 @@ class Query:
     parts: tuple[QueryPart, ...] = ()
 
 
-@dataclass(frozen=True)
-class Hit:
-    """A search result: id, cosine similarity, and payload/vector when asked for."""
+class Hit(NamedTuple):
+    """A search result: id, cosine similarity, and payload/vector when asked for.
+
+    A named tuple rather than a frozen dataclass: an evaluation batch builds ~10^6 of them, and a
+    tuple is built in a fifth of the time.
+    """
 
     id: str
     score: float
@@ -191,6 +194,10 @@ class VectorStore(Protocol):
 
     def retrieve(self, collection: str, ids: Sequence[str], with_vector: bool) -> list[Point]:
         """The points with these ids that exist (missing ids are left out), with payloads."""
+        ...
+
+    def stored_vectors(self, collection: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored (normalised) vectors of the ids that exist, by id (for queries by stored point)."""
         ...
 
     def query(self, collection: str, queries: Sequence[Query]) -> list[list[Hit]]:

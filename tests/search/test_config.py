@@ -39,7 +39,7 @@ def test_server_backend_needs_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unary_threads_follow_the_backend_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
     # Edge queries are CPU work under this process's GIL: a few threads; a Qdrant server's calls wait
     # on the network: many. A value the operator gives is kept as given.
-    assert SearchSettings().grpc_workers == 8
+    assert SearchSettings().grpc_workers == 4
     assert SearchSettings(backend="server", url="http://qdrant:6333").grpc_workers == 64
     assert SearchSettings(grpc_workers=3).grpc_workers == 3
     monkeypatch.setenv("SEARCH_GRPC_WORKERS", "20")

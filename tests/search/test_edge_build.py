@@ -8,6 +8,7 @@ query's (a few ms), so a loaded machine does not fail them.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -198,6 +199,28 @@ def test_status_is_yellow_while_a_build_runs_and_green_after_the_swap(tmp_path: 
         assert store.stats("c").status == IndexStatus.GREEN
         assert store.last_build is not None and store.last_build.optimized
         assert store._collections["c"].shard.info().indexed_vectors_count == 1000  # HNSW over every point
+    finally:
+        store.close()
+
+
+def test_the_build_process_shares_the_service_session_not_its_process_group(tmp_path: Path) -> None:
+    # In a session of its own, Linux's autogroup gave the build a full group's CPU share whatever its
+    # nice value; its own process group keeps a terminal's Ctrl-C from reaching it first.
+    seen: list[tuple[int, int]] = []
+    store: EdgeStore | None = None
+
+    def hook(step: str) -> None:
+        assert store is not None
+        build = store._collections["c"].build
+        if step == "spawned" and build is not None and build.process is not None:
+            seen.append((os.getpgid(build.process.pid), os.getsid(build.process.pid)))
+            assert build.process.pid == seen[-1][0]
+
+    store = EdgeStore(tmp_path, IndexParams(indexing_threshold_kb=20), index_idle_seconds=None, build_hook=hook)
+    try:
+        _fill(store, "c", n=1000, dim=16)
+        store.optimize("c")
+        assert len(seen) == 1 and seen[0][0] != os.getpgid(0) and seen[0][1] == os.getsid(0)
     finally:
         store.close()
 

@@ -203,6 +203,38 @@ def test_status_is_yellow_while_a_build_runs_and_green_after_the_swap(tmp_path: 
         store.close()
 
 
+def test_after_a_restart_writes_are_acknowledged_while_the_rebuild_runs(tmp_path: Path) -> None:
+    # Issue 9, defect 12: after a SIGKILL the restarted service rebuilt its index for 24 s and
+    # acknowledged no upsert for 11 s. Here the rebuild that a restart starts on its own cannot finish
+    # until a write made during it was acknowledged: a write that waited for the build would deadlock
+    # it, and the hook's wait would fail. (Surviving the kill itself: test_edge_build_crash.py.)
+    store = EdgeStore(tmp_path, IndexParams(indexing_threshold_kb=20), index_idle_seconds=None)
+    _fill(store, "c", n=2000, dim=16)
+    store.close()
+    building, acknowledged = threading.Event(), threading.Event()
+    waited: list[bool] = []  # per build that reached "built": was a write acknowledged meanwhile?
+
+    def hook(step: str) -> None:
+        if step == "spawned":
+            building.set()
+        if step == "built":
+            waited.append(acknowledged.wait(30))
+
+    store = EdgeStore(tmp_path, IndexParams(indexing_threshold_kb=20), index_idle_seconds=0.05, build_hook=hook)
+    try:
+        assert building.wait(60), "the restarted store did not rebuild the index"
+        extra = _points(1, 16, seed=5, dataset="during")
+        store.upsert("c", extra)  # acknowledged (returned) while the rebuild is still running
+        acknowledged.set()
+        deadline = time.monotonic() + 60
+        while store.stats("c").status != IndexStatus.GREEN and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.stats("c").status == IndexStatus.GREEN and store.count("c", None) == 2001
+        assert waited[0], "no write was acknowledged while the index was rebuilt"
+    finally:
+        store.close()
+
+
 def test_the_build_process_shares_the_service_session_not_its_process_group(tmp_path: Path) -> None:
     # In a session of its own, Linux's autogroup gave the build a full group's CPU share whatever its
     # nice value; its own process group keeps a terminal's Ctrl-C from reaching it first.

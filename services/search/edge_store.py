@@ -46,6 +46,9 @@ What Edge gives and what is added here:
   new generation and 0.1-0.2 s by the close of the old one; health and Search (every 25 ms) p99
   75-205 ms during the build at load averages of 3.7-4.5 (before it: 30-45 ms), but 0.37-1.4 s
   when other jobs pushed the load average to 6-13 and the service itself got too little CPU.
+- Edge scans on one core with the GIL held, so an exact-only collection (never indexed: every query
+  is a scan) also keeps its vectors in memory and answers unfiltered queries as BLAS matrix products
+  (``services.search.exact_scan``; kept in step under the write lock, read back after a restart).
 - Edge has one shard and no collections or aliases, so collection metadata and aliases are small
   JSON files here, written atomically (temp file, fsync, rename, fsync of the directory). Creating
   or deleting a collection renames a whole directory, so a crash leaves it either complete or absent.

@@ -23,7 +23,8 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +69,6 @@ def call_lowered(niceness: int, fn: Callable[[], T]) -> T:
     where nice is per process, ``fn`` runs on the calling thread."""
     if niceness <= 0 or not PER_THREAD:
         return fn()
-    outcome: list[Any] = []
-
-    def run() -> None:
-        lower_thread_priority(niceness)
-        try:
-            outcome.append((True, fn()))
-        except BaseException as exc:  # handed to the caller, who re-raises it
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run, name="lowered-call", daemon=True)
-    thread.start()
-    thread.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
+    with ThreadPoolExecutor(1, thread_name_prefix="lowered-call", initializer=lower_thread_priority,
+                            initargs=(niceness,)) as pool:
+        return pool.submit(fn).result()

@@ -374,7 +374,7 @@ class EdgeStore:
             # answers anything, rather than in the first synced Upsert or the first index build.
             shard.flush()
             collection = _Collection(meta=meta, path=entry, shard=shard, generation=generation,
-                                     scan_pending=meta.exact_only and self._scan_max_bytes > 0)
+                                     scan_pending=self._scanned(meta))
             # Whether an index build is pending is not visible from outside: let the indexer look.
             collection.dirty_since = time.monotonic()
             self._collections[meta.name] = collection
@@ -460,8 +460,12 @@ class EdgeStore:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             shard = self._load_shard(final / _SHARD_DIR, meta.dim)
-            scan = ExactScan(meta.dim, self._scan_max_bytes) if meta.exact_only and self._scan_max_bytes > 0 else None
+            scan = ExactScan(meta.dim, self._scan_max_bytes) if self._scanned(meta) else None
             self._collections[meta.name] = _Collection(meta=meta, path=final, shard=shard, scan=scan)
+
+    def _scanned(self, meta: CollectionMeta) -> bool:
+        """Whether the collection keeps its vectors in memory for exact queries (``ExactScan``)."""
+        return meta.exact_only and self._scan_max_bytes > 0
 
     def _load_shard(self, path: Path, dim: int) -> qe.EdgeShard:
         """Loads a shard; its search threads (started by the load) run at ``search_niceness``."""
@@ -597,7 +601,7 @@ class EdgeStore:
     def delete(self, collection: str, ids: Sequence[str]) -> None:
         target = self._get(collection)
         self._write(target, qe.UpdateOperation.delete_points(list(ids)), len(ids),
-                    lambda scan: scan.delete(ids) >= 0)
+                    lambda scan: scan.delete(ids) >= 0)  # deleting never outgrows the bound: always True
 
     def retrieve(self, collection: str, ids: Sequence[str], with_vector: bool) -> list[Point]:
         target = self._get(collection)
@@ -656,10 +660,12 @@ class EdgeStore:
         scan = self._scan(target)
         # The in-memory scan answers what it answers exactly as Edge would: every query without a
         # payload filter. The rest (and everything on other collections) goes to Edge.
-        scanned = [i for i, q in enumerate(queries) if q.filter is None] if scan is not None else []
+        scanned: list[int] = []
+        rest: list[int] = []
+        for i, q in enumerate(queries):
+            (scanned if scan is not None and q.filter is None else rest).append(i)
         results: list[list[Hit]] = [[] for _ in queries]
-        if scanned:
-            assert scan is not None
+        if scan is not None and scanned:
             chosen = [queries[i] for i in scanned]
             answers = scan.search(np.stack([q.vector for q in chosen]), [q.limit for q in chosen],
                                   [q.exclude_ids for q in chosen], with_vectors=any(q.with_vector for q in chosen))
@@ -673,7 +679,6 @@ class EdgeStore:
                 results[i] = [Hit(pid, score, payloads.get(pid) if q.with_payload else None,
                                   vectors[j] if vectors is not None else None)
                               for j, (pid, score) in enumerate(zip(a.ids.tolist(), a.scores.tolist(), strict=True))]
-        rest = [i for i in range(len(queries)) if scan is None or queries[i].filter is not None]
         if rest:
             for i, hits in zip(rest, self._edge_query(target, [queries[i] for i in rest]), strict=True):
                 results[i] = hits

@@ -66,10 +66,6 @@ class ExactScan:
     def __len__(self) -> int:
         return self._count
 
-    @property
-    def nbytes(self) -> int:
-        return self._matrix.nbytes
-
     def fits(self, points: int) -> bool:
         """Whether ``points`` points stay within ``max_bytes``."""
         return points * self.dim * 4 <= self.max_bytes
